@@ -1,0 +1,65 @@
+"""`ditlab` command line: one subcommand per job, each implemented in its own module.
+
+A command module defines `add_arguments(parser)` and `run(args) -> int`. Modules are imported
+only when their command runs, so `ditlab --help` stays fast. A `DitlabError` anywhere becomes
+one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ditlab.errors import DitlabError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("ditlab.train.quickstart", "train a class-conditional MNIST model in ~10 CPU minutes, then sample"),
+    "train": ("ditlab.train.command", "train a model from a YAML config with key=value overrides"),
+    "sample": ("ditlab.sampling", "sample a checkpoint (ditlab or official DiT) to a PNG grid and/or .npz"),
+    "eval": ("ditlab.eval.command", "FID/IS/precision-recall and MNIST classifier metrics of samples or a checkpoint"),
+    "extract-latents": ("ditlab.data.latents", "encode a dataset once with a VAE into sharded latent files"),
+    "train-classifier": ("ditlab.eval.classifier", "train the MNIST/Fashion-MNIST evaluator CNN"),
+    "train-tokenizer": ("ditlab.models.tokenizers", "train a conv autoencoder tokenizer and report PSNR"),
+    "flops": ("ditlab.eval.flops", "Gflops and parameter counts of model configs"),
+    "scaling": ("ditlab.eval.scaling", "fit and plot power laws (FID or loss vs compute)"),
+    "convert": ("ditlab.models.convert", "convert weights between ditlab/official DiT and diffusers"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ditlab", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser = build_parser()
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"error: unknown command '{argv[0]}' (see ditlab --help)", file=sys.stderr)
+            return 2
+        parser.print_help()
+        return 0
+    name, rest = argv[0], argv[1:]
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"ditlab {name}", description=help_text)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except DitlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

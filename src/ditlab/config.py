@@ -1,0 +1,247 @@
+"""One typed configuration for a run: dataclasses, read from YAML, overridden from the command line.
+
+    cfg = load_config("configs/mnist.yaml", ["optim.lr=2e-4", "model.name=DiT-S/2"])
+
+Every field has a default, so an empty YAML file is a valid (MNIST, class-conditional) run.
+The resolved config is saved beside every run and checkpoint (`save_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ditlab.errors import DitlabError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "DiT-S/4"  # a key of ditlab.models.DiT_models, or "unet"
+    input_size: int = 28  # image side (pixels, or latent side with a VAE/tokenizer)
+    in_channels: int = 1
+    num_classes: int = 10  # 0 = unconditional
+    class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance
+    learn_sigma: bool = True  # output 2*C channels (eps + interpolated log-variance)
+    # Overrides of the named size; None keeps the official value.
+    hidden_size: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    patch_size: int | None = None
+    mlp_ratio: float = 4.0
+    # Architecture variants (issue 7); the defaults are the official DiT.
+    conditioning: str = "adaln_zero"  # adaln_zero | adaln | cross_attn | in_context
+    class_encoding: str = "embedding"  # embedding | onehot
+    pos_embed: str = "sincos"  # sincos | rope
+    rope_base: float = 10000.0
+    norm: str = "layernorm"  # layernorm | rmsnorm | dyt
+    qk_norm: bool = False
+    token_layout: str = "2d"  # 2d | 3d (channels as a token axis)
+    token_dim: int | None = None  # decoupled tokenizer output dim, projected to hidden_size
+    step_size_cond: bool = False  # condition on the step size d (shortcut models)
+    grad_checkpointing: bool = False
+    # U-Net baseline (name: unet)
+    unet_channels: int = 64
+    unet_channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
+    unet_num_res_blocks: int = 2
+    unet_attn_resolutions: list[int] = field(default_factory=lambda: [7])
+    unet_dropout: float = 0.0
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: str = "gaussian"  # gaussian | flow | shortcut
+    # Gaussian diffusion (official create_diffusion semantics)
+    noise_schedule: str = "linear"  # linear | squaredcos_cap_v2 (cosine) | quadratic
+    diffusion_steps: int = 1000
+    predict_xstart: bool = False
+    use_kl: bool = False
+    sigma_small: bool = False
+    rescale_learned_sigmas: bool = False
+    # Flow matching (linear interpolant x_t = (1-t) x0 + t noise, as in SiT)
+    prediction: str = "velocity"  # velocity | noise | data
+    time_sampling: str = "uniform"  # uniform | logit_normal | lognormal
+    time_mean: float = 0.0
+    time_std: float = 1.0
+    cosine_loss_weight: float = 0.0  # FasterDiT velocity-direction loss
+    data_std_target: float | None = None  # FasterDiT: scale data to this std (e.g. 0.82)
+    data_std: float | None = None  # measured std of the data; None = estimate on the first batch
+    # Shortcut models (Frans et al. 2024)
+    shortcut_fraction: float = 0.25
+    shortcut_base_steps: int = 128
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "ddpm"  # gaussian: ddpm | ddim; flow: euler | heun | dopri5; shortcut: shortcut
+    steps: int = 250
+    cfg_scale: float = 1.0
+    guidance_interval: list[float] | None = None  # [t_lo, t_hi]: guide only inside (flow)
+    clip_denoised: bool = True  # clip predicted x0 to [-1, 1] in pixel space
+    eta: float = 0.0  # DDIM
+    num_samples: int = 100
+    batch_size: int = 100
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    source: str = "mnist-embedded"  # mnist-embedded | mnist | fashion-mnist | folder | latents
+    path: str | None = None  # dataset dir; None = $DITLAB_DATA/<source> where that applies
+    split: str = "train"
+    image_size: int = 28
+    random_flip: bool = False
+    num_workers: int = 0
+
+
+@dataclass
+class VAEConfig:
+    path: str | None = None  # local diffusers AutoencoderKL directory or single file
+    scale_factor: float = 0.18215
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    grad_clip: float | None = None
+    batch_size: int = 256  # global batch, split over ranks
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    steps: int = 1000
+    time_budget_s: float | None = None  # stop early when wall-clock exceeds this
+    seed: int = 0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay ramps as min(d, (1+n)/(10+n)) so short runs work
+    log_every: int = 50
+    ckpt_every: int = 500
+    sample_every: int = 0  # 0 = only at the end
+    keep_last: int = 2
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+    fsdp: bool = False
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or fail naming the field."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        hint = args[0]
+        origin = typing.get_origin(hint)
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise DitlabError(f"config {where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_coerce(v, item, where) for v in value]
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if value.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) else int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise DitlabError(f"config {where}: cannot read {value!r} as {hint.__name__}") from None
+    return value
+
+
+def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            raise DitlabError(f"config: unknown key '{where}' (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise DitlabError(f"config {where}: expected a section, got {value!r}")
+            _apply(current, value, where + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], where))
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ["optim.lr=2e-4", "model.name=DiT-B/2"] into a nested dict."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise DitlabError(f"override '{item}' is not of the form section.key=value")
+        dotted, raw = item.split("=", 1)
+        node = nested
+        *parents, leaf = dotted.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    return nested
+
+
+def config_from_dict(values: dict[str, Any] | None) -> Config:
+    cfg = Config()
+    _apply(cfg, values or {})
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when path is None) and apply dotted overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise DitlabError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise DitlabError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise DitlabError(f"config file {path} must hold a mapping of sections")
+    cfg = config_from_dict(values)
+    _apply(cfg, parse_overrides(overrides or []))
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
