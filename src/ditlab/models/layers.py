@@ -1,0 +1,279 @@
+"""Building blocks of DiT and its variants: embedders, norms, attention (+RoPE), MLP, positions.
+
+With the default options every module has the parameter names and shapes of the official DiT
+(which builds on timm's PatchEmbed/Attention/Mlp), so official checkpoints load strictly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: x * (1 + scale) + shift, per sample, broadcast over tokens."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+# --------------------------------------------------------------------------- conditioning
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of a scalar (timestep, or step size) followed by a 2-layer MLP."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000) -> Tensor:
+        """GLIDE/ADM features [cos(t f_i), sin(t f_i)], f_i = max_period^(-i/half); t may be fractional."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+        args = t[:, None].float() * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return emb
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+
+
+class LabelEmbedder(nn.Module):
+    """Official class encoding: a learned table; row `num_classes` is the null label for CFG.
+
+    During training a label is replaced by the null label with probability `dropout_prob`.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        # The official table has a null row only when label dropout is on; an unconditional
+        # model (num_classes=0) still needs one row, which then acts as a learned bias.
+        use_null = dropout_prob > 0 or num_classes == 0
+        self.embedding_table = nn.Embedding(num_classes + use_null, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
+        if force_drop_ids is None:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop = force_drop_ids == 1
+        return torch.where(drop, self.num_classes, labels)
+
+    def forward(self, labels: Tensor, train: bool, force_drop_ids: Tensor | None = None) -> Tensor:
+        if self.num_classes == 0:  # unconditional: whatever labels come in (e.g. -1), use the null row
+            labels = torch.zeros_like(labels)
+        elif (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+class OneHotLabelEmbedder(LabelEmbedder):
+    """Class encoding as a one-hot vector through a bias-free Linear; the null label is the zero vector.
+
+    Equal to an embedding lookup in `linear.weight.T` with a fixed all-zero null row: the null
+    (unconditional) embedding is exactly 0 instead of a learned vector.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        nn.Module.__init__(self)
+        self.linear = nn.Linear(num_classes, hidden_size, bias=False) if num_classes > 0 else None
+        self.hidden_size = hidden_size
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def forward(self, labels: Tensor, train: bool, force_drop_ids: Tensor | None = None) -> Tensor:
+        if self.linear is None:  # unconditional: the null class everywhere, labels ignored
+            return torch.zeros(labels.shape[0], self.hidden_size, device=labels.device)
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        # one_hot over num_classes+1 then drop the last column: the null label becomes all zeros.
+        onehot = F.one_hot(labels, self.num_classes + 1)[:, : self.num_classes]
+        return self.linear(onehot.to(self.linear.weight.dtype))
+
+
+# --------------------------------------------------------------------------- norms
+
+
+class DyT(nn.Module):
+    """Dynamic Tanh (Zhu et al. 2025): gamma * tanh(alpha * x) + beta, a normalisation-free LayerNorm stand-in."""
+
+    def __init__(self, dim: int, elementwise_affine: bool = True, alpha_init: float = 0.5):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((1,), alpha_init))
+        self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if elementwise_affine else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.tanh(self.alpha * x)
+        return x if self.weight is None else x * self.weight + self.bias
+
+
+NORMS = ("layernorm", "rmsnorm", "dyt")
+
+
+def make_norm(kind: str, dim: int, affine: bool) -> nn.Module:
+    """adaLN blocks use affine=False (the modulation supplies scale and shift), as in the official DiT."""
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, elementwise_affine=affine, eps=1e-6)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=1e-6, elementwise_affine=affine)
+    if kind == "dyt":
+        return DyT(dim, elementwise_affine=affine)
+    raise ValueError(f"unknown norm '{kind}'")
+
+
+# --------------------------------------------------------------------------- positions
+
+
+def sincos_1d(dim: int, pos: Tensor) -> Tensor:
+    """[sin(p w_i), cos(p w_i)], w_i = 10000^(-i/(dim/2)); float64 like the MAE/DiT numpy code."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    out = pos.reshape(-1).to(torch.float64)[:, None] * omega[None]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+def sincos_2d(dim: int, grid_size: int) -> Tensor:
+    """Official 2-D sin-cos table [grid_size**2, dim]: first half encodes the column, second the row."""
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    row, col = torch.meshgrid(coords, coords, indexing="ij")
+    return torch.cat([sincos_1d(dim // 2, col), sincos_1d(dim // 2, row)], dim=1).float()
+
+
+def grid_positions(shape: tuple[int, ...]) -> Tensor:
+    """Integer coordinates [prod(shape), len(shape)] of a row-major token grid."""
+    axes = [torch.arange(n) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(shape))
+
+
+class RoPE(nn.Module):
+    """Axial rotary position embedding (Su et al.; 2-D as in FiT/Lumina) for queries and keys.
+
+    The head dimension is split into one chunk per grid axis; inside a chunk, channel pairs
+    (2i, 2i+1) are rotated by angle pos_axis * base^(-2i/chunk). q.k then depends on positions
+    only through their differences. Tokens without a grid position (conditioning tokens) get
+    the identity rotation.
+    """
+
+    def __init__(self, head_dim: int, grid: tuple[int, ...], base: float = 10000.0, extra_tokens: int = 0):
+        super().__init__()
+        n_axes = len(grid)
+        if head_dim % (2 * n_axes):
+            raise ValueError(f"head dim {head_dim} is not divisible by {2 * n_axes}")
+        chunk = head_dim // n_axes
+        freqs = base ** (-torch.arange(0, chunk, 2, dtype=torch.float64) / chunk)  # [chunk/2]
+        pos = grid_positions(grid).to(torch.float64)  # [N, n_axes]
+        angles = torch.cat([pos[:, a, None] * freqs[None] for a in range(n_axes)], dim=1)  # [N, head_dim/2]
+        angles = torch.cat([angles, angles.new_zeros(extra_tokens, angles.shape[1])])
+        # Buffers, not parameters, and not saved: the state dict stays free of RoPE entries.
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, heads, N, head_dim]."""
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        cos, sin = self.cos.to(x.dtype), self.sin.to(x.dtype)
+        return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens (timm's PatchEmbed for the 2-D layout: key `proj`).
+
+    layout "3d": the image [B,C,H,W] is viewed as a 1-channel volume [B,1,C,H,W] and cut into
+    (1,p,p) patches, so every input channel becomes its own row of tokens (C*(H/p)*(W/p) tokens).
+    """
+
+    def __init__(self, input_size: int, patch_size: int, in_channels: int, embed_dim: int, layout: str = "2d"):
+        super().__init__()
+        self.layout = layout
+        self.patch_size = (patch_size, patch_size)
+        side = input_size // patch_size
+        if layout == "2d":
+            self.grid = (side, side)
+            self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
+        else:
+            self.grid = (in_channels, side, side)
+            self.proj = nn.Conv3d(1, embed_dim, kernel_size=(1, patch_size, patch_size), stride=(1, patch_size, patch_size), bias=True)
+        self.num_patches = math.prod(self.grid)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.layout == "3d":
+            x = x.unsqueeze(1)
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, N, D]
+
+
+# --------------------------------------------------------------------------- attention / MLP
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention via F.scaled_dot_product_attention (timm layout: qkv, proj)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        if qk_norm:  # RMSNorm over each head's q and k (as in SD3 / Lumina): bounds attention logits
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, rope: RoPE | None = None) -> Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rope(q), rope(k)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class CrossAttention(nn.Module):
+    """Tokens (queries) attend to the conditioning tokens (keys/values)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim, bias=True)
+        self.kv = nn.Linear(dim, dim * 2, bias=True)
+        if qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        B, N, C = x.shape
+        q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(context).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU (tanh approximation, as the official DiT) -> fc2."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))

@@ -1,0 +1,196 @@
+"""The official-compatible DiT: parameter counts, state_dict layout, init, forward, guidance."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+from ditlab.config import Config, ModelConfig
+from ditlab.diffusion.guidance import guided_forward
+from ditlab.errors import DitlabError
+from ditlab.models import build_model
+from ditlab.models.dit import DiT, DiT_models, dit_from_config
+
+# Parameter counts printed by the official facebookresearch/DiT models.py (DiT_models[name]()
+# at input_size=32, in_channels=4, num_classes=1000, learn_sigma=True; timm 1.0.31), 2026-11-27.
+OFFICIAL_PARAM_COUNTS = {
+    "DiT-XL/2": 675_129_632, "DiT-XL/4": 675_074_432, "DiT-XL/8": 675_683_072,
+    "DiT-L/2": 458_102_816, "DiT-L/4": 458_053_760, "DiT-L/8": 458_594_816,
+    "DiT-B/2": 130_512_416, "DiT-B/4": 130_475_648, "DiT-B/8": 130_881_536,
+    "DiT-S/2": 32_963_360, "DiT-S/4": 32_945_024, "DiT-S/8": 33_148_160,
+}
+
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10)
+
+
+def tiny(**kw) -> DiT:
+    torch.manual_seed(0)
+    return DiT(**{**TINY, **kw})
+
+
+def randomize_(model: torch.nn.Module, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_parameter_counts_match_official_for_all_12_configs():
+    assert list(DiT_models) == list(OFFICIAL_PARAM_COUNTS)
+    with torch.device("meta"):  # no memory, no init cost
+        for name, ctor in DiT_models.items():
+            model = ctor(input_size=32, in_channels=4, num_classes=1000)
+            assert sum(p.numel() for p in model.parameters()) == OFFICIAL_PARAM_COUNTS[name], name
+
+
+def test_state_dict_layout_is_the_official_one():
+    """Keys and shapes written out from the official module structure (timm PatchEmbed/Attention/Mlp)."""
+    D, p, C, ncls = 32, 2, 4, 10
+    expected = {
+        "pos_embed": (1, 16, D),
+        "x_embedder.proj.weight": (D, C, p, p), "x_embedder.proj.bias": (D,),
+        "t_embedder.mlp.0.weight": (D, 256), "t_embedder.mlp.0.bias": (D,),
+        "t_embedder.mlp.2.weight": (D, D), "t_embedder.mlp.2.bias": (D,),
+        "y_embedder.embedding_table.weight": (ncls + 1, D),
+        "final_layer.linear.weight": (p * p * 2 * C, D), "final_layer.linear.bias": (p * p * 2 * C,),
+        "final_layer.adaLN_modulation.1.weight": (2 * D, D), "final_layer.adaLN_modulation.1.bias": (2 * D,),
+    }
+    for i in range(2):
+        expected.update({
+            f"blocks.{i}.attn.qkv.weight": (3 * D, D), f"blocks.{i}.attn.qkv.bias": (3 * D,),
+            f"blocks.{i}.attn.proj.weight": (D, D), f"blocks.{i}.attn.proj.bias": (D,),
+            f"blocks.{i}.mlp.fc1.weight": (4 * D, D), f"blocks.{i}.mlp.fc1.bias": (4 * D,),
+            f"blocks.{i}.mlp.fc2.weight": (D, 4 * D), f"blocks.{i}.mlp.fc2.bias": (D,),
+            f"blocks.{i}.adaLN_modulation.1.weight": (6 * D, D), f"blocks.{i}.adaLN_modulation.1.bias": (6 * D,),
+        })
+    sd = tiny().state_dict()
+    assert {k: tuple(v.shape) for k, v in sd.items()} == expected
+    # Without label dropout the official table has no null row.
+    assert tiny(class_dropout_prob=0.0).y_embedder.embedding_table.weight.shape[0] == ncls
+
+
+def test_init_is_adaln_zero_and_pos_embed_is_fixed_sincos():
+    model = tiny()
+    for block in model.blocks:
+        assert block.adaLN_modulation[-1].weight.abs().sum() == 0
+    assert model.final_layer.linear.weight.abs().sum() == 0
+    assert not model.pos_embed.requires_grad
+    assert "pos_embed" not in {n for n, p in model.named_parameters() if p.requires_grad}
+    # Closed form (MAE/DiT): token (row i, col j); first half encodes j, second half i,
+    # each as [sin(pos * w_k), cos(pos * w_k)] with w_k = 10000^(-k / (D/4)).
+    D, gs = 32, 4
+    pe = model.pos_embed[0]
+    for i, j in [(0, 0), (1, 3), (3, 2)]:
+        for k in range(D // 4):
+            w = 10000 ** (-k / (D / 4))
+            row = pe[i * gs + j]
+            assert row[k].item() == pytest.approx(math.sin(j * w), abs=1e-6)
+            assert row[D // 4 + k].item() == pytest.approx(math.cos(j * w), abs=1e-6)
+            assert row[D // 2 + k].item() == pytest.approx(math.sin(i * w), abs=1e-6)
+            assert row[3 * D // 4 + k].item() == pytest.approx(math.cos(i * w), abs=1e-6)
+    # Zero-initialised output layer: the fresh model predicts exactly 0.
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([0, 10, 999]), torch.tensor([1, 2, 10])
+    assert model.eval()(x, t, y).abs().max() == 0
+
+
+def test_forward_shapes_and_label_dropout():
+    model = tiny()
+    randomize_(model)
+    x, t, y = torch.randn(5, 4, 8, 8), torch.randint(0, 1000, (5,)), torch.randint(0, 10, (5,))
+    model.eval()
+    out = model(x, t, y)
+    assert out.shape == (5, 8, 8, 8)
+    assert torch.equal(out, model(x, t, y))  # eval: no label dropout, deterministic
+    # With dropout probability 1 every label becomes the null label in training mode.
+    model.y_embedder.dropout_prob = 1.0
+    model.train()
+    null = model.eval()(x, t, torch.full_like(y, 10))
+    assert torch.allclose(model.train()(x, t, y), null, atol=1e-6)
+    assert tiny(learn_sigma=False)(x, t, y).shape == (5, 4, 8, 8)
+
+
+def test_forward_with_cfg_guides_all_channels():
+    model = tiny()
+    randomize_(model)
+    model.eval()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([5, 700])
+    y = torch.tensor([3, 7])
+    null = torch.full_like(y, 10)
+    s = 3.0
+    cond, uncond = model(x, t, y), model(x, t, null)
+    want = uncond[:, :4] + s * (cond[:, :4] - uncond[:, :4])
+    out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), s)
+    assert out.shape == (4, 8, 8, 8)
+    torch.testing.assert_close(out[:2, :4], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[2:, :4], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:2, 4:], cond[:, 4:], rtol=1e-5, atol=1e-5)  # sigma half: cond pass
+    torch.testing.assert_close(out[2:, 4:], uncond[:, 4:], rtol=1e-5, atol=1e-5)
+    # The shared guidance helper (used by the objectives) computes the same prediction.
+    torch.testing.assert_close(guided_forward(model, x, t, y, s)[:, :4], want, rtol=1e-5, atol=1e-5)
+
+
+def test_dit_from_config_named_size_and_overrides():
+    m = ModelConfig(name="DiT-S/4", input_size=28, in_channels=1, num_classes=10)
+    model = dit_from_config(m, learn_sigma=True, step_size_cond=False)
+    assert (len(model.blocks), model.hidden_size, model.num_heads, model.patch_size) == (12, 384, 6, 4)
+    assert (model.in_channels, model.out_channels, model.num_classes, model.input_size) == (1, 2, 10, 28)
+    m = ModelConfig(name="DiT-S/4", input_size=28, hidden_size=64, depth=3, num_heads=4, patch_size=7)
+    model = dit_from_config(m, learn_sigma=False, step_size_cond=True)
+    assert (len(model.blocks), model.hidden_size, model.num_heads, model.patch_size) == (3, 64, 4, 7)
+    assert model.out_channels == 1 and hasattr(model, "d_embedder")
+    # build_model: learned sigma only for Gaussian diffusion.
+    cfg = Config()
+    cfg.model.hidden_size, cfg.model.depth, cfg.model.num_heads = 32, 1, 2
+    cfg.objective.kind = "flow"
+    assert build_model(cfg).out_channels == 1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(name="DiT-M/2"), "unknown model 'DiT-M/2'"),
+    (dict(patch_size=3), "patch_size 3 does not divide input_size 28"),
+    (dict(hidden_size=30, num_heads=4), "hidden_size 30 is not divisible by num_heads 4"),
+    (dict(conditioning="film"), "unknown conditioning 'film'"),
+])
+def test_bad_model_config_is_one_line_error(overrides, message):
+    m = ModelConfig(**{"hidden_size": 32, "depth": 1, "num_heads": 2, **overrides})
+    with pytest.raises(DitlabError, match=message.replace("(", r"\(")) as e:
+        dit_from_config(m, learn_sigma=True, step_size_cond=False)
+    assert "\n" not in str(e.value)
+
+
+def _official_models():
+    path = os.environ.get("DITLAB_OFFICIAL_DIT")
+    if not path:
+        pytest.skip("set DITLAB_OFFICIAL_DIT to a facebookresearch/DiT checkout (timm importable)")
+    pytest.importorskip("timm")
+    spec = importlib.util.spec_from_file_location("official_dit_models", os.path.join(path, "models.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("in_channels", [3, 4])
+def test_matches_official_code(in_channels):
+    official = _official_models()
+    kw = dict(input_size=16, patch_size=2, in_channels=in_channels, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+    torch.manual_seed(0)
+    ref = official.DiT(**kw).eval()
+    torch.manual_seed(0)
+    ours = DiT(**kw).eval()
+    for k, v in ref.state_dict().items():  # same seed -> same init
+        assert torch.equal(v, ours.state_dict()[k]), k
+    randomize_(ref)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x, t, y = torch.randn(4, in_channels, 16, 16), torch.randint(0, 1000, (4,)), torch.tensor([1, 2, 10, 10])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t, y), ref(x, t, y), rtol=0, atol=1e-6)
+        out, ref_out = ours.forward_with_cfg(x, t, y, 4.0), ref.forward_with_cfg(x, t, y, 4.0)
+    torch.testing.assert_close(out[:, :3], ref_out[:, :3], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[:, in_channels + 3:], ref_out[:, in_channels + 3:], rtol=0, atol=1e-5)
+    if in_channels == 4:  # official leaves channel 4 unguided
+        assert (out[:, 3] - ref_out[:, 3]).abs().max() > 1e-3

@@ -1,0 +1,245 @@
+"""Architecture variants (issue 7): each trains, equivalences hold, bad combinations fail clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ditlab.cli import main
+from ditlab.config import ModelConfig
+from ditlab.errors import DitlabError
+from ditlab.models.convert import _official_keys
+from ditlab.models.dit import DiT, dit_from_config
+from ditlab.models.layers import RoPE
+
+TINY = dict(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=2, num_heads=2, num_classes=4)
+
+VARIANTS = {
+    "adaln_zero": {},
+    "adaln": dict(conditioning="adaln"),
+    "cross_attn": dict(conditioning="cross_attn"),
+    "in_context": dict(conditioning="in_context"),
+    "onehot": dict(class_encoding="onehot"),
+    "rope": dict(pos_embed="rope", rope_base=64.0),
+    "rope_in_context": dict(pos_embed="rope", conditioning="in_context"),
+    "rmsnorm": dict(norm="rmsnorm"),
+    "dyt": dict(norm="dyt"),
+    "dyt_cross_attn_qk_norm": dict(norm="dyt", conditioning="cross_attn", qk_norm=True),
+    "qk_norm": dict(qk_norm=True),
+    "layout_3d": dict(token_layout="3d"),
+    "layout_3d_rope": dict(token_layout="3d", pos_embed="rope", hidden_size=48),  # head dim 24 = 6k
+    "token_dim": dict(token_dim=8),
+    "patch_1": dict(patch_size=1),
+    "patch_4": dict(patch_size=4),
+    "patch_8": dict(patch_size=8),
+    "step_size_cond": dict(step_size_cond=True),
+    "grad_checkpointing": dict(grad_checkpointing=True),
+    "unconditional_onehot": dict(num_classes=0, class_encoding="onehot"),
+}
+
+
+def fit_few_steps(model: DiT, steps: int = 15) -> list[float]:
+    """Fit a denoising-style target (the input itself, as eps-prediction at x0 = 0) on one batch."""
+    g = torch.Generator().manual_seed(0)
+    B, C, S = 8, model.in_channels, model.input_size
+    x = torch.randn(B, C, S, S, generator=g)
+    t = torch.randint(0, 1000, (B,), generator=g)
+    y = torch.randint(0, max(model.num_classes, 1), (B,), generator=g)
+    target = x
+    kw = {"dt": torch.rand(B, generator=g) * 100} if model.step_size_cond else {}
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        out = model(x, t, y, **kw)
+        assert out.shape == (B, model.out_channels, S, S)
+        loss = F.mse_loss(out[:, :C], target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variant_trains_with_decreasing_loss(name):
+    torch.manual_seed(0)
+    model = DiT(**{**TINY, "class_dropout_prob": 0.0, **VARIANTS[name]})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = fit_few_steps(model)
+    assert all(map(lambda v: v == v, losses))  # no NaN
+    assert losses[-1] < 0.7 * losses[0], losses
+    # The conditioning path is trained too (gradients reach the timestep/label/step embedders).
+    after = model.state_dict()
+    conditioning = [k for k in after if k.startswith(("t_embedder.", "y_embedder.", "d_embedder."))]
+    assert conditioning
+    for k in conditioning:
+        assert not torch.equal(before[k], after[k]), k
+
+
+def test_variants_are_off_by_default_and_add_parameters_only_when_on():
+    official = set(_official_keys(12))
+    model = dit_from_config(ModelConfig(name="DiT-S/4", input_size=8, in_channels=4), learn_sigma=True, step_size_cond=False)
+    assert set(model.state_dict()) == official
+    keys = lambda **kw: set(DiT(**{**TINY, **kw}).state_dict())  # noqa: E731
+    base = keys()
+    assert keys(pos_embed="rope") == base - {"pos_embed"}  # RoPE tables are non-persistent buffers
+    assert keys(conditioning="adaln") == base
+    assert {"d_embedder.mlp.0.weight", "token_in.weight", "final_layer.token_out.weight"} <= keys(step_size_cond=True) | keys(token_dim=8)
+    assert not any("adaLN" in k for k in keys(conditioning="in_context"))
+    assert any(".cross_attn.kv." in k for k in keys(conditioning="cross_attn"))
+    assert "blocks.0.attn.q_norm.weight" in keys(qk_norm=True)
+
+
+def test_adaln_modulation_is_not_zero_initialised():
+    zero, plain = DiT(**TINY), DiT(**TINY, conditioning="adaln")
+    assert zero.blocks[0].adaLN_modulation[-1].weight.abs().sum() == 0
+    assert plain.blocks[0].adaLN_modulation[-1].weight.abs().sum() > 0
+
+
+def test_onehot_through_linear_equals_embedding_lookup():
+    torch.manual_seed(0)
+    onehot = DiT(**TINY, class_encoding="onehot").eval()
+    with torch.no_grad():
+        for p in onehot.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    table = DiT(**TINY).eval()
+    state = dict(onehot.state_dict())
+    w = state.pop("y_embedder.linear.weight")  # [hidden, num_classes]
+    # Same rows, transposed, plus an all-zero null row.
+    state["y_embedder.embedding_table.weight"] = torch.cat([w.t(), torch.zeros(1, w.shape[0])])
+    table.load_state_dict(state, strict=True)
+    labels = torch.tensor([0, 3, 1, 4])  # 4 = null
+    torch.testing.assert_close(onehot.y_embedder(labels, False), table.y_embedder(labels, False), rtol=0, atol=0)
+    assert onehot.y_embedder(labels, False)[3].abs().sum() == 0  # null class = zero vector
+    x, t = torch.randn(4, 2, 8, 8), torch.tensor([1, 100, 500, 999])
+    torch.testing.assert_close(onehot(x, t, labels), table(x, t, labels), rtol=1e-6, atol=1e-6)
+    # Label dropout zeroes the class vector.
+    dropped = onehot.y_embedder(labels, True, force_drop_ids=torch.ones(4))
+    assert dropped.abs().sum() == 0
+
+
+@pytest.mark.parametrize("base", [10000.0, 64.0])
+def test_rope_scores_depend_only_on_relative_position(base):
+    grid = (8, 8)
+    rope = RoPE(16, grid, base=base)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(16, generator=g), torch.randn(16, generator=g)
+
+    def score(pq: tuple[int, int], pk: tuple[int, int]) -> float:
+        n = grid[0] * grid[1]
+        Q, K = torch.zeros(1, 1, n, 16), torch.zeros(1, 1, n, 16)
+        iq, ik = pq[0] * grid[1] + pq[1], pk[0] * grid[1] + pk[1]
+        Q[0, 0, iq], K[0, 0, ik] = q, k
+        return (rope(Q)[0, 0, iq] @ rope(K)[0, 0, ik]).item()
+
+    ref = score((1, 2), (3, 1))
+    for shift in [(1, 0), (0, 3), (4, 5), (-1, 2)]:
+        moved = score((1 + shift[0], 2 + shift[1]), (3 + shift[0], 1 + shift[1]))
+        assert moved == pytest.approx(ref, abs=1e-5)
+    assert abs(score((1, 2), (3, 2)) - ref) > 1e-3  # a different offset changes the score
+    assert abs(score((1, 2), (2, 1)) - ref) > 1e-3
+    assert torch.allclose(rope(q.expand(1, 1, 64, 16)).norm(dim=-1), q.norm())  # a rotation
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    a = DiT(**TINY, class_dropout_prob=0.0)
+    b = DiT(**TINY, class_dropout_prob=0.0, grad_checkpointing=True)
+    b.load_state_dict(a.state_dict())
+    for m in (a, b):
+        with torch.no_grad():
+            for p in m.blocks.parameters():
+                p.add_(0.01)
+    x, t, y = torch.randn(2, 2, 8, 8), torch.tensor([3, 500]), torch.tensor([0, 2])
+    a.train()(x, t, y).square().mean().backward()
+    b.train()(x, t, y).square().mean().backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        if pa.grad is not None:
+            torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_3d_layout_shapes_and_channel_tokens():
+    model = DiT(**{**TINY, "in_channels": 3, "token_layout": "3d"})
+    assert model.x_embedder.num_patches == 3 * 4 * 4 and model.pos_embed.shape == (1, 48, 32)
+    assert model.x_embedder.proj.weight.shape == (32, 1, 1, 2, 2)  # one channel per token
+    out = model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), torch.tensor([0, 1]))
+    assert out.shape == (2, 6, 8, 8)
+
+
+def test_unpatchify_3d_orders_outputs_eps_then_sigma():
+    model = DiT(**{**TINY, "in_channels": 2, "token_layout": "3d"})
+    p, h, C, k = 2, 4, 2, 2
+    tokens = torch.zeros(1, C * h * h, p * p * k)
+    tokens[0, 1 * h * h + 0, 3 * k + 1] = 1.0  # channel 1, token (0,0), pixel (1,1), sigma output
+    out = model.unpatchify(tokens)
+    assert out.shape == (1, 4, 8, 8)
+    assert out[0, 1 * C + 1, 1, 1] == 1 and out.sum() == 1
+
+
+def test_patch_1_on_28x28_is_practical():
+    torch.manual_seed(0)
+    model = DiT(input_size=28, patch_size=1, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    assert model.x_embedder.num_patches == 784
+    x, t, y = torch.randn(4, 1, 28, 28), torch.randint(0, 1000, (4,)), torch.randint(0, 10, (4,))
+    out = model(x, t, y)
+    assert out.shape == (4, 2, 28, 28)
+    out.square().mean().backward()
+    assert model.x_embedder.proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("encoding", ["embedding", "onehot"])
+def test_unconditional_models_ignore_labels(encoding):
+    model = DiT(**{**TINY, "num_classes": 0, "class_encoding": encoding})
+    with torch.no_grad():
+        model.final_layer.linear.weight.normal_()
+    x, t = torch.randn(2, 2, 8, 8), torch.tensor([1, 2])
+    out = model(x, t, torch.tensor([-1, -1]))  # the sampler's "no label"
+    assert torch.equal(out, model(x, t, torch.tensor([3, 0])))  # dataset labels are ignored
+
+
+def test_step_size_conditioning_needs_dt():
+    model = DiT(**TINY, step_size_cond=True)
+    x, t, y = torch.randn(2, 2, 8, 8), torch.tensor([1, 2]), torch.tensor([0, 1])
+    with pytest.raises(DitlabError, match="dt="):
+        model(x, t, y)
+    with pytest.raises(DitlabError, match="without step_size_cond"):
+        DiT(**TINY)(x, t, y, dt=torch.ones(2))
+    a = model(x, t, y, dt=torch.tensor([1.0, 1.0]))
+    with torch.no_grad():
+        model.d_embedder.mlp[2].bias.add_(1.0)  # the step-size embedding reaches the output
+        for blk in model.blocks:
+            blk.adaLN_modulation[-1].weight.normal_()
+        model.final_layer.linear.weight.normal_()
+    assert not torch.allclose(model(x, t, y, dt=torch.tensor([1.0, 1.0])), model(x, t, y, dt=torch.tensor([8.0, 8.0])))
+    assert a.shape == (2, 4, 8, 8)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(patch_size=3), "patch_size 3 does not divide input_size 8"),
+    (dict(pos_embed="rope", hidden_size=24, num_heads=4), "needs a head dim divisible by 4"),
+    (dict(pos_embed="rope", token_layout="3d"), "needs a head dim divisible by 6"),
+    (dict(hidden_size=30, num_heads=4), "hidden_size 30 is not divisible by num_heads 4"),
+    (dict(in_channels=1, token_layout="3d"), "token_layout 3d makes channels a token axis"),
+    (dict(norm="batchnorm"), "unknown norm 'batchnorm'"),
+    (dict(class_encoding="clip"), "unknown class_encoding 'clip'"),
+    (dict(pos_embed="learned"), "unknown pos_embed 'learned'"),
+    (dict(token_layout="1d"), "unknown token_layout '1d'"),
+])
+def test_incompatible_combinations_raise(kw, message):
+    with pytest.raises(DitlabError, match=message) as e:
+        DiT(**{**TINY, **kw})
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.patch_size=3"], "patch_size 3 does not divide input_size 28"),
+    (["model.pos_embed=rope", "model.hidden_size=36", "model.num_heads=6"], "head dim divisible by 4"),
+    (["model.token_layout=3d"], "needs in_channels > 1"),
+])
+def test_incompatible_combinations_through_the_cli(tmp_path, capsys, overrides, message):
+    code = main(["train", f"train.out_dir={tmp_path / 'run'}", "train.steps=1", *overrides])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
