@@ -1,0 +1,102 @@
+"""Image output: uint8 conversion, PNG grids and ADM-style .npz sample files.
+
+The .npz layout is the one of OpenAI's ADM evaluation suite (and DiT's sample_ddp.py):
+`arr_0` uint8 [N, H, W, C] and `labels` int64 [N] (-1 for samples of an unconditional model).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ditlab.errors import DitlabError
+
+
+def to_uint8(x: Tensor) -> np.ndarray:
+    """Images in [-1, 1], [N, C, H, W] -> uint8 [N, H, W, C], rounding to the nearest level.
+
+    Same mapping as DiT's sample_ddp.py: clamp(127.5 x + 128, 0, 255) truncated to uint8.
+    """
+    if x.ndim != 4:
+        raise DitlabError(f"to_uint8 expects [N, C, H, W] images, got shape {tuple(x.shape)}")
+    x = torch.clamp(127.5 * x.detach().float() + 128.0, 0, 255)
+    return x.permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
+
+
+def make_grid(images: np.ndarray, nrow: int, pad: int = 2, pad_value: int = 255) -> np.ndarray:
+    """Tile uint8 [N, H, W, C] images into one [rows*(H+pad)+pad, nrow*(W+pad)+pad, C] image, row-major."""
+    n, h, w, c = images.shape
+    nrow = max(1, min(nrow, n))
+    rows = math.ceil(n / nrow)
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), pad_value, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, nrow)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[top:top + h, left:left + w] = img
+    return grid
+
+
+def save_grid(path: str | Path, images: np.ndarray, nrow: int | None = None, labels: list | np.ndarray | None = None) -> Path:
+    """Write uint8 [N, H, W, C] images (C = 1 or 3) as a PNG grid; `labels` adds a caption above each cell."""
+    from PIL import Image, ImageDraw
+
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise DitlabError(f"save_grid expects uint8 [N, H, W, 1 or 3] images, got {images.dtype} {images.shape}")
+    n = len(images)
+    nrow = nrow or math.ceil(math.sqrt(n))
+    if labels is not None:
+        # A white band of `band` pixels on top of each image holds its label.
+        band = 12
+        banded = np.full((n, images.shape[1] + band, images.shape[2], images.shape[3]), 255, dtype=np.uint8)
+        banded[:, band:] = images
+        images = banded
+    grid = make_grid(images, nrow)
+    img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    if labels is not None:
+        draw = ImageDraw.Draw(img)
+        h, w = images.shape[1:3]
+        for i, label in enumerate(labels):
+            r, col = divmod(i, max(1, min(nrow, n)))
+            draw.text((2 + col * (w + 2) + 1, 2 + r * (h + 2)), str(int(label)), fill=0)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def save_npz(path: str | Path, images: np.ndarray, labels: np.ndarray | list) -> Path:
+    """Write an ADM-style sample file: `arr_0` uint8 [N, H, W, C], `labels` int64 [N]."""
+    images, labels = np.asarray(images), np.asarray(labels, dtype=np.int64)
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise DitlabError(f"save_npz expects uint8 [N, H, W, C] images, got {images.dtype} {images.shape}")
+    if labels.shape != (len(images),):
+        raise DitlabError(f"save_npz: {len(images)} images but labels of shape {labels.shape}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, arr_0=images, labels=labels)
+    return path
+
+
+def load_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read an ADM-style sample file: (uint8 [N, H, W, C] images, int64 labels or None when absent)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DitlabError(f"sample file not found: {path}")
+    try:
+        with np.load(path) as f:
+            if "arr_0" not in f:
+                raise DitlabError(f"{path} has no 'arr_0' array (expected an ADM-style .npz)")
+            images = f["arr_0"]
+            labels = f["labels"].astype(np.int64) if "labels" in f else None
+    except DitlabError:
+        raise
+    except Exception as e:
+        raise DitlabError(f"cannot read {path} as .npz: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise DitlabError(f"{path}: arr_0 must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
+    return images, labels
