@@ -63,6 +63,7 @@ class ObjectiveConfig:
     use_kl: bool = False
     sigma_small: bool = False
     rescale_learned_sigmas: bool = False
+    timestep_sampler: str = "uniform"  # uniform | loss-second-moment (IDDPM importance sampling of t)
     # Flow matching (linear interpolant x_t = (1-t) x0 + t noise, as in SiT)
     prediction: str = "velocity"  # velocity | noise | data
     time_sampling: str = "uniform"  # uniform | logit_normal | lognormal
@@ -103,6 +104,7 @@ class DataConfig:
 class VAEConfig:
     path: str | None = None  # local diffusers AutoencoderKL directory or single file
     scale_factor: float = 0.18215
+    sample_posterior: bool = True  # encode to a posterior sample (DiT); False = its mean
 
 
 @dataclass
@@ -130,6 +132,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False
     fsdp: bool = False
+    grad_accum: int = 1  # micro-batches per rank and step (global batch = world x accum x micro)
     tensorboard: bool = True
     progress: bool = True
 
