@@ -11,6 +11,10 @@ from ditlab.errors import DitlabError
 def check_guidance(model: nn.Module, cfg_scale: float) -> None:
     if cfg_scale != 1.0 and getattr(model, "num_classes", 0) == 0:
         raise DitlabError(f"cfg_scale={cfg_scale} needs a class-conditional model; this one has num_classes=0")
+    table = getattr(getattr(model, "y_embedder", None), "embedding_table", None)
+    if cfg_scale != 1.0 and table is not None and table.num_embeddings <= model.num_classes:
+        raise DitlabError(f"cfg_scale={cfg_scale} needs a null label, but this model was built with "
+                          "class_dropout_prob=0 (no null row in its label table)")
 
 
 def guided_forward(model: nn.Module, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float, **kw) -> Tensor:
