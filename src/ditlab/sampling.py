@@ -241,6 +241,8 @@ def run(args) -> int:
     if args.out_npz:
         written.append(str(save_npz(args.out_npz, images, labels)))
     n, h, w, c = images.shape
-    print(f"sampled {n} images {h}x{w}x{c} ({sampler}, {s.steps} steps, cfg {s.cfg_scale:g}, seed {s.seed}) -> {', '.join(written)}",
+    nfe = getattr(objective, "last_nfe", None)  # adaptive solvers (dopri5) report their function evaluations
+    steps = f"{s.steps} steps" + (f", {nfe} model calls in the last batch" if nfe is not None else "")
+    print(f"sampled {n} images {h}x{w}x{c} ({sampler}, {steps}, cfg {s.cfg_scale:g}, seed {s.seed}) -> {', '.join(written)}",
           file=sys.stdout)
     return 0
