@@ -1,0 +1,1 @@
+"""Scripts that measure ditlab features end to end and write markdown reports."""

