@@ -48,6 +48,18 @@ def test_parameter_counts_match_official_for_all_12_configs():
             assert sum(p.numel() for p in model.parameters()) == OFFICIAL_PARAM_COUNTS[name], name
 
 
+def test_named_constructors_are_the_table_entries():
+    # DiT_XL_2 ... DiT_S_8 stay importable by their official names and build the sizes they name.
+    import ditlab.models.dit as dit
+
+    with torch.device("meta"):
+        for name, ctor in DiT_models.items():
+            size, patch = name[len("DiT-"):].split("/")
+            assert getattr(dit, f"DiT_{size}_{patch}") is ctor and ctor.__name__ == f"DiT_{size}_{patch}"
+            m = ctor(input_size=32, in_channels=4, num_classes=1000)
+            assert (len(m.blocks), m.x_embedder.proj.out_channels, m.num_heads, m.patch_size) == (*dit.DIT_SIZES[size], int(patch))
+
+
 def test_state_dict_layout_is_the_official_one():
     """Keys and shapes written out from the official module structure (timm PatchEmbed/Attention/Mlp)."""
     D, p, C, ncls = 32, 2, 4, 10

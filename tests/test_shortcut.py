@@ -212,6 +212,23 @@ def test_objectives_experiment_runs_end_to_end(tmp_path, capsys):
     assert "error: unknown objectives ['gan']" in capsys.readouterr().err
 
 
+def test_objectives_experiment_reads_the_packaged_configs():
+    # The configs ship inside the package (a wheel has no repository configs/ folder); the
+    # repository's configs/ entries are links to the same files, so there is one source of truth.
+    from importlib import resources
+    from pathlib import Path
+
+    from ditlab.experiments import objectives
+
+    packaged = Path(str(resources.files("ditlab") / "configs"))
+    assert Path(str(objectives.CONFIGS)).resolve() == packaged.resolve()
+    repo = Path(__file__).resolve().parents[1] / "configs"
+    for name, kind in [("mnist_flow.yaml", "flow"), ("mnist_shortcut.yaml", "shortcut")]:
+        assert load_config(packaged / name).objective.kind == kind
+        if (repo / name).exists():
+            assert (repo / name).resolve() == (packaged / name).resolve()
+
+
 # ---- through the CLI: `ditlab train` / `ditlab sample` with flow and shortcut runs ------------------
 
 TINY = ["model.name=DiT-S/4", "model.hidden_size=32", "model.depth=1", "model.num_heads=2",

@@ -126,6 +126,15 @@ def test_cli_bad_input(tmp_path, capsys, args, message):
     assert code == 2 and err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
 
 
+def test_cli_unwritable_out_fails_before_training(tmp_path, capsys):
+    blocker = tmp_path / "f.txt"
+    blocker.write_text("a regular file, so no folder can be made under it")
+    code = main(["train-tokenizer", "--kind", "conv1", "--token-dim", "4", "--steps", "1", "--out", str(blocker / "out")])
+    out, err = capsys.readouterr()
+    assert code == 2 and err.startswith("error: cannot write ") and len(err.strip().splitlines()) == 1
+    assert "training" not in out  # checked before any training time is spent
+
+
 def test_dit_trains_on_token_grid_end_to_end(tmp_path):
     """configs/mnist_tokenizer.yaml with a tiny tokenizer: the trainer encodes through it, samples decode."""
     from pathlib import Path

@@ -83,12 +83,31 @@ def test_cfg_null_label_and_label_dropout():
     cond, uncond = m(x, t, y), m(x, t, null)
     # The null label (index num_classes) is a real embedding row, distinct from every class.
     assert not torch.allclose(cond, uncond)
-    # forward_with_cfg: uncond + s (cond - uncond) on all channels, in one batched pass.
-    guided = m.forward_with_cfg(x, t, y, 3.0)
-    torch.testing.assert_close(guided, uncond + 3.0 * (cond - uncond), rtol=1e-4, atol=1e-5)
     # In training mode labels are dropped to the null label with class_dropout_prob.
     m_drop = tiny(class_dropout_prob=1.0).train()
     torch.testing.assert_close(m_drop.y_embedder(y, True), m_drop.y_embedder(null, False))
+
+
+def test_forward_with_cfg_follows_the_official_doubled_batch_convention():
+    # Official DiT API (sample.py): x = [z; z], y = [labels; null]; both output halves guided.
+    m = tiny(class_dropout_prob=0.1, learn_sigma=True).eval()
+    perturb(m)
+    x, t, y = inputs()
+    null = torch.full_like(y, 10)
+    cond, uncond = m(x, t, y), m(x, t, null)
+    want = uncond[:, :1] + 3.0 * (cond[:, :1] - uncond[:, :1])
+    out = m.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), 3.0)
+    assert out.shape == (8, 2, 28, 28)
+    torch.testing.assert_close(out[:4, :1], out[4:, :1])
+    torch.testing.assert_close(out[:4, :1], want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[:4, 1:], cond[:, 1:], rtol=1e-4, atol=1e-5)  # sigma: passed through
+    torch.testing.assert_close(out[4:, 1:], uncond[:, 1:], rtol=1e-4, atol=1e-5)
+    # One forward pass of the doubled batch (2B), as in the official code, not 4B.
+    seen = []
+    hook = m.input_conv.register_forward_hook(lambda mod, i, o: seen.append(o.shape[0]))
+    m.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), 3.0)
+    hook.remove()
+    assert seen == [8]
 
 
 def test_unconditional_ignores_labels():

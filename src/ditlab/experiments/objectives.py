@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,9 @@ import torch
 from ditlab.config import Config, load_config
 from ditlab.errors import DitlabError
 
-CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+# The base configs ship inside the package (configs/ at the repository root links to them),
+# so a wheel install finds them too.
+CONFIGS = resources.files("ditlab") / "configs"
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9)
 
 
@@ -41,7 +44,9 @@ def build_config(kind: str, args: argparse.Namespace) -> Config:
     """The run config of one objective: everything but the objective is shared."""
     base = {"ddpm": "mnist_flow.yaml", "flow": "mnist_flow.yaml", "shortcut": "mnist_shortcut.yaml"}[kind]
     path = CONFIGS / base
-    cfg = load_config(path if path.is_file() else None)
+    if not path.is_file():  # never fall back to defaults silently: they are another experiment
+        raise DitlabError(f"the packaged config {base} is missing from {CONFIGS}; reinstall ditlab")
+    cfg = load_config(Path(str(path)))
     if kind == "ddpm":  # the official DiT objective
         cfg.objective.kind, cfg.model.learn_sigma = "gaussian", True
         cfg.sample.sampler = "ddim"

@@ -15,7 +15,6 @@ Weights are read only from local files, never from a model hub.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -176,18 +175,3 @@ def latent_shape(codec: Codec | None, image_size: int, in_channels: int) -> tupl
         )
     side = image_size // codec.downsample
     return (codec.latent_channels, side, side)
-
-
-def codec_summary(codec: Codec | None) -> str:
-    """One line describing a codec, for logs."""
-    if codec is None:
-        return "pixel space (no codec)"
-    return json.dumps(
-        {
-            "codec": type(codec).__name__,
-            "image_channels": codec.image_channels,
-            "latent_channels": codec.latent_channels,
-            "downsample": codec.downsample,
-            "scale_factor": round(codec.scale_factor, 6),
-        }
-    )

@@ -18,6 +18,8 @@ Variants, all keyword-only and off by default (no extra parameters or keys when 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
@@ -300,20 +302,27 @@ class DiT(nn.Module):
         return self.unpatchify(x)
 
     def forward_with_cfg(self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float, **kwargs) -> Tensor:
-        """Official calling convention: the batch is [cond half; uncond half] (y holds the null
-        labels in the second half); only the first half of x is used and both halves of the output
-        carry the guided prediction.
+        """Official calling convention; see `forward_with_cfg_doubled`."""
+        return forward_with_cfg_doubled(self, x, t, y, cfg_scale, **kwargs)
 
-        Difference from the official code: guidance is applied to all `in_channels` prediction
-        channels (official: the first 3 only, so 4-channel latents leave channel 4 unguided and
-        1-channel images guide the sigma channel too). The learned-sigma half passes through.
-        """
-        half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y, **kwargs)
-        eps, rest = out[:, : self.in_channels], out[:, self.in_channels:]
-        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+
+def forward_with_cfg_doubled(model: nn.Module, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float, **kwargs) -> Tensor:
+    """The official DiT `forward_with_cfg`, for any model with `in_channels` (DiT and U-Net).
+
+    The batch is already doubled, [cond half; uncond half] (y holds the null labels in the second
+    half, t and tensor kwargs are doubled too); only the first half of x is used and both halves
+    of the output carry the guided prediction, so one forward pass of 2B gives B guided samples.
+
+    Difference from the official code: guidance is applied to all `in_channels` prediction
+    channels (official: the first 3 only, so 4-channel latents leave channel 4 unguided and
+    1-channel images guide the sigma channel too). The learned-sigma half passes through.
+    """
+    half = x[: len(x) // 2]
+    out = model.forward(torch.cat([half, half], dim=0), t, y, **kwargs)
+    eps, rest = out[:, : model.in_channels], out[:, model.in_channels:]
+    cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+    half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+    return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
 
 
 # --------------------------------------------------------------------------- named configs
@@ -327,60 +336,22 @@ DIT_SIZES: dict[str, tuple[int, int, int]] = {
 }
 
 
-def DiT_XL_2(**kwargs) -> DiT:
-    return DiT(depth=28, hidden_size=1152, patch_size=2, num_heads=16, **kwargs)
+def _named_dit(size: str, patch: int) -> Callable[..., DiT]:
+    """The official constructor `DiT_{size}_{patch}(**kwargs)` for one entry of DIT_SIZES."""
+    depth, hidden_size, num_heads = DIT_SIZES[size]
+
+    def make(**kwargs) -> DiT:
+        return DiT(depth=depth, hidden_size=hidden_size, patch_size=patch, num_heads=num_heads, **kwargs)
+
+    make.__name__ = make.__qualname__ = f"DiT_{size}_{patch}"
+    make.__doc__ = f"DiT-{size}/{patch}: depth {depth}, hidden size {hidden_size}, {num_heads} heads, patch {patch}."
+    return make
 
 
-def DiT_XL_4(**kwargs) -> DiT:
-    return DiT(depth=28, hidden_size=1152, patch_size=4, num_heads=16, **kwargs)
-
-
-def DiT_XL_8(**kwargs) -> DiT:
-    return DiT(depth=28, hidden_size=1152, patch_size=8, num_heads=16, **kwargs)
-
-
-def DiT_L_2(**kwargs) -> DiT:
-    return DiT(depth=24, hidden_size=1024, patch_size=2, num_heads=16, **kwargs)
-
-
-def DiT_L_4(**kwargs) -> DiT:
-    return DiT(depth=24, hidden_size=1024, patch_size=4, num_heads=16, **kwargs)
-
-
-def DiT_L_8(**kwargs) -> DiT:
-    return DiT(depth=24, hidden_size=1024, patch_size=8, num_heads=16, **kwargs)
-
-
-def DiT_B_2(**kwargs) -> DiT:
-    return DiT(depth=12, hidden_size=768, patch_size=2, num_heads=12, **kwargs)
-
-
-def DiT_B_4(**kwargs) -> DiT:
-    return DiT(depth=12, hidden_size=768, patch_size=4, num_heads=12, **kwargs)
-
-
-def DiT_B_8(**kwargs) -> DiT:
-    return DiT(depth=12, hidden_size=768, patch_size=8, num_heads=12, **kwargs)
-
-
-def DiT_S_2(**kwargs) -> DiT:
-    return DiT(depth=12, hidden_size=384, patch_size=2, num_heads=6, **kwargs)
-
-
-def DiT_S_4(**kwargs) -> DiT:
-    return DiT(depth=12, hidden_size=384, patch_size=4, num_heads=6, **kwargs)
-
-
-def DiT_S_8(**kwargs) -> DiT:
-    return DiT(depth=12, hidden_size=384, patch_size=8, num_heads=6, **kwargs)
-
-
-DiT_models = {
-    "DiT-XL/2": DiT_XL_2, "DiT-XL/4": DiT_XL_4, "DiT-XL/8": DiT_XL_8,
-    "DiT-L/2": DiT_L_2, "DiT-L/4": DiT_L_4, "DiT-L/8": DiT_L_8,
-    "DiT-B/2": DiT_B_2, "DiT-B/4": DiT_B_4, "DiT-B/8": DiT_B_8,
-    "DiT-S/2": DiT_S_2, "DiT-S/4": DiT_S_4, "DiT-S/8": DiT_S_8,
-}
+# Same keys, order and constructors as the official models.py: XL, L, B, S x patch 2, 4, 8.
+DiT_models = {f"DiT-{size}/{patch}": _named_dit(size, patch) for size in DIT_SIZES for patch in (2, 4, 8)}
+(DiT_XL_2, DiT_XL_4, DiT_XL_8, DiT_L_2, DiT_L_4, DiT_L_8,
+ DiT_B_2, DiT_B_4, DiT_B_8, DiT_S_2, DiT_S_4, DiT_S_8) = DiT_models.values()
 
 
 def parse_model_name(name: str) -> tuple[int, int, int, int]:

@@ -226,6 +226,18 @@ def load_images(source: str, path: str | None, split: str) -> Tensor:
 # ----------------------------------------------------------------------------- command
 
 
+def _writable_dir(out: Path) -> Path:
+    """Create the output directory and check it takes files, before any training time is spent."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".ditlab_write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise DitlabError(f"cannot write {out}: {e.strerror or e}") from None
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kind", choices=list(TOKENIZER_KINDS), default="conv2", help="conv1: 2x2 patches; conv2: 4x4 patches")
     parser.add_argument("--token-dim", type=int, default=16, help="channels per token (conv1: 4/8/16, conv2: 16/32/64)")
@@ -246,6 +258,7 @@ def run(args: argparse.Namespace) -> int:
         raise DitlabError(f"--token-dim {args.token_dim} is not offered for {args.kind} (choose {', '.join(map(str, dims))})")
     if args.steps < 1 or args.batch_size < 1:
         raise DitlabError("--steps and --batch-size must be positive")
+    out = _writable_dir(Path(args.out))  # fail now, not after the training run
     torch.manual_seed(args.seed)
     train = load_images(args.data, args.data_path, "train")
     test = load_images(args.data, args.data_path, "test")
@@ -276,11 +289,12 @@ def run(args: argparse.Namespace) -> int:
         "latent_shape": [args.token_dim, side // down, side // down],
         "train_seconds": round(seconds, 1),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_tokenizer(tok.cpu(), out / FILE_NAME, extra={"data": args.data, "steps": str(args.steps),
-                                                     "test_psnr": f"{metrics['test_psnr']:.3f}"})
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    try:
+        save_tokenizer(tok.cpu(), out / FILE_NAME, extra={"data": args.data, "steps": str(args.steps),
+                                                         "test_psnr": f"{metrics['test_psnr']:.3f}"})
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    except OSError as e:
+        raise DitlabError(f"cannot write {out}: {e.strerror or e}") from None
     print(f"test PSNR {metrics['test_psnr']:.2f} dB on {len(test)} held-out images "
           f"(train {metrics['train_psnr']:.2f} dB); wrote {out / FILE_NAME}")
     print(f"use it with: vae.path={out / FILE_NAME} model.in_channels={args.token_dim} model.input_size={side // down}")

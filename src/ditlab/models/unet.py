@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ditlab.errors import DitlabError
+from ditlab.models.dit import forward_with_cfg_doubled
 from ditlab.models.layers import LabelEmbedder, OneHotLabelEmbedder, TimestepEmbedder
 
 if TYPE_CHECKING:
@@ -224,10 +225,8 @@ class UNet(nn.Module):
         return self.out(h)
 
     def forward_with_cfg(self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float, **kw) -> Tensor:
-        """Classifier-free guidance on all prediction channels (see ditlab.diffusion.guidance)."""
-        from ditlab.diffusion.guidance import guided_forward
-
-        return guided_forward(self, x, t, y, cfg_scale, **kw)
+        """The official DiT convention: x = [z; z], y = [labels; null] (see DiT.forward_with_cfg)."""
+        return forward_with_cfg_doubled(self, x, t, y, cfg_scale, **kw)
 
 
 def _check_args(input_size, in_channels, model_channels, channel_mult, num_res_blocks, attn_resolutions, dropout, class_encoding) -> None:
