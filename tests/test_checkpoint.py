@@ -98,3 +98,21 @@ def test_kill_during_save_leaves_latest_loadable(tmp_path, monkeypatch):
     assert main(["train", *TINY, f"train.out_dir={run}", "train.steps=4", "--resume"]) == 0
     assert ckpt.latest_checkpoint(run).name == "step_0000004"
     assert not list((run / "checkpoints").glob(".tmp-*"))  # the next good save cleans up
+
+
+def test_write_atomic_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
+    target = tmp_path / "index.json"
+    ckpt.write_atomic(target, b"old")
+    real = ckpt._write_bytes
+
+    def torn(path, data):
+        real(path, data[:1])  # half the bytes reach the disk, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "_write_bytes", torn)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.write_atomic(target, b"new contents")
+    assert target.read_bytes() == b"old"  # readers never see the torn write
+    monkeypatch.setattr(ckpt, "_write_bytes", real)
+    ckpt.write_atomic(target, b"new contents")
+    assert target.read_bytes() == b"new contents" and sorted(p.name for p in tmp_path.iterdir()) == ["index.json"]

@@ -184,3 +184,29 @@ def test_extract_latents_and_train_from_them(tmp_path, capsys):
                "model.input_size=8", f"train.out_dir={tmp_path / 'r2'}"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "model expects [3, 8, 8]" in err
+
+
+def test_extract_latents_writes_through_the_checkpoint_writer(tmp_path, capsys, monkeypatch):
+    # Latent shards share the checkpoint code's atomic write (one fsync'ed path to disk), so a
+    # full disk there is a one-line error and leaves no index (the dataset stays "incomplete").
+    import errno
+
+    from ditlab.train import checkpoint as ckpt
+
+    diffusers = pytest.importorskip("diffusers")
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                                  up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,),
+                                  latent_channels=4, norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(tmp_path / "vae")
+    _folder(tmp_path / "imgs", classes=2, per_class=1)
+
+    def full_disk(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "_write_bytes", full_disk)
+    out = tmp_path / "latents"
+    rc = main(["extract-latents", "data.source=folder", f"data.path={tmp_path / 'imgs'}", "data.image_size=16",
+               f"vae.path={tmp_path / 'vae'}", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "cannot write latent shard" in err and "No space left" in err and len(err.splitlines()) == 1
+    assert not (out / "index.json").exists()

@@ -156,3 +156,9 @@ def test_eval_checkpoint_samples_and_evaluates(tmp_path, capsys):
                  "--inception", str(tmp_path / "none.pth"), "--no-progress"]) == 2
     captured = capsys.readouterr()
     assert "sampling" not in captured.out and "pt_inception" in captured.err
+    # A sampler typo or an unavailable device is an error, not a silent fallback.
+    for flags, message in ((["--sampler", "heum"], "unknown sample.sampler 'heum'"), (["--device", "tpu"], "--device")):
+        assert main(["eval", "--ckpt", str(tmp_path / "run"), "--num-samples", "2", "--metrics", "counts",
+                     "--no-progress", *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1

@@ -242,6 +242,36 @@ def test_objective_loss_and_sampling_are_seeded():
         obj.sample(net, noise, y[:2], sampler="ddpm", steps=1)
 
 
+def test_guidance_interval_comes_from_the_config_and_is_checked():
+    from ditlab.config import load_config
+    from ditlab.diffusion import build_objective
+
+    class Recorder(_TinyNet):
+        def __init__(self):
+            super().__init__()
+            self.calls = []  # (batch size, original timestep) per model call
+
+        def forward(self, x, t, y):
+            self.calls.append((x.shape[0], int(t[0])))
+            return super().forward(x, t, y)
+
+    obj = build_objective(load_config(None, ["sample.guidance_interval=[0.0,0.5]"]))
+    assert isinstance(obj, GaussianObjective) and obj.guidance_interval == (0.0, 0.5)
+    net, noise, y = Recorder(), torch.randn(2, 1, 4, 4), torch.tensor([0, 1])
+    obj.sample(net, noise, y, sampler="ddim", steps=10, cfg_scale=3.0)
+    # ddim10 visits the original t = 900, 800, ..., 0; t / T near 1 is noise (flow's t = 1), so
+    # [0, 0.5] guides (a doubled cond + uncond batch) only the last six, t = 500..0.
+    assert net.calls == [(2 if t > 500 else 4, t) for t in range(900, -1, -100)]
+    net.calls.clear()
+    obj.sample(net, noise, y, sampler="ddim", steps=10, cfg_scale=3.0, guidance_interval=[0.75, 1.0])  # per call
+    assert [b for b, _ in net.calls] == [4, 4, 2, 2, 2, 2, 2, 2, 2, 2]
+    for bad in ("[0.9,0.1]", "[0.2,1.5]", "[0.1,0.2,0.3]"):
+        with pytest.raises(DitlabError, match="sample.guidance_interval"):
+            build_objective(load_config(None, [f"sample.guidance_interval={bad}"]))
+    with pytest.raises(DitlabError, match="sample.guidance_interval"):
+        obj.sample(net, noise, y, sampler="ddpm", steps=2, cfg_scale=3.0, guidance_interval=[0.9, 0.1])
+
+
 def test_ddim_eta0_loop_is_deterministic_without_generator():
     # eta = 0 never uses its noise: two runs from the same x_T agree whatever the RNG state.
     net = _TinyNet()

@@ -28,8 +28,9 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
         p.data = torch.randn(p.shape, generator=g) * 0.05
 
 
-def _run_dir(root, num_classes: int):
-    cfg = config_from_dict({"model": dict(TINY, num_classes=num_classes)})
+def _run_dir(root, num_classes: int, objective: str = "gaussian"):
+    cfg = config_from_dict({"model": dict(TINY, num_classes=num_classes, learn_sigma=objective == "gaussian"),
+                            "objective": {"kind": objective}})
     model = build_model(cfg)
     _randomise(model, 0)
     ema = build_model(cfg)
@@ -41,7 +42,8 @@ def _run_dir(root, num_classes: int):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample")
-    out = {"cond": _run_dir(root / "cond", 3), "uncond": _run_dir(root / "uncond", 0)}
+    out = {"cond": _run_dir(root / "cond", 3), "uncond": _run_dir(root / "uncond", 0),
+           "flow": _run_dir(root / "flow", 3, "flow")}  # its config carries the default sample.sampler=ddpm
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
@@ -172,3 +174,82 @@ def test_image_helpers_roundtrip(tmp_path):
     grid = np.asarray(Image.open(save_grid(tmp_path / "g.png", rgb, nrow=2)))
     assert grid.shape == (3 * 6 + 2, 2 * 6 + 2, 3)
     assert np.array_equal(grid[2:6, 8:12], rgb[1])  # second image: first row, second column
+
+
+def test_unknown_sampler_is_an_error_not_the_default(files, tmp_path, capsys):
+    out = ["--out-npz", tmp_path / "x.npz", "--steps", 2, "--num-samples", 2]
+    for ckpt, choices in (("cond", "ddpm, ddim"), ("flow", "euler, heun, dopri5")):
+        msg = _one_line_error(*_sample(capsys, "--ckpt", files[ckpt], "sample.sampler=heum", *out))
+        assert "'heum'" in msg and choices in msg
+    # A flow run's config carries the default "ddpm": that means flow's default sampler, euler...
+    assert main(["sample", "--no-progress", "--ckpt", str(files["flow"]), *map(str, out)]) == 0
+    assert "(euler, 2 steps" in capsys.readouterr().out
+    # ... but asking for it by flag is an error.
+    msg = _one_line_error(*_sample(capsys, "--ckpt", files["flow"], "--sampler", "ddpm", *out))
+    assert "'ddpm'" in msg and "euler" in msg
+
+
+def test_eta_is_refused_unless_the_sampler_is_ddim(files, tmp_path, capsys):
+    out = ["--out-npz", tmp_path / "x.npz", "--steps", 2, "--num-samples", 2]
+    for ckpt, flags in (("cond", ["--sampler", "ddpm"]), ("cond", []), ("flow", [])):
+        msg = _one_line_error(*_sample(capsys, "--ckpt", files[ckpt], *flags, "--eta", 0.7, *out))
+        assert "--eta" in msg and "ddim" in msg
+    code, err = _sample(capsys, "--ckpt", files["cond"], "--sampler", "ddim", "--eta", 0.7, *out)
+    assert code == 0, err
+
+
+def test_guidance_interval_reaches_gaussian_sampling(files, tmp_path, capsys):
+    def images(*extra):
+        path = tmp_path / f"g{len(list(tmp_path.iterdir()))}.npz"
+        code, err = _sample(capsys, "--ckpt", files["cond"], "--num-samples", 2, "--steps", 4, "--cfg-scale", 4,
+                            "--out-npz", path, *extra)
+        assert code == 0, err
+        return load_npz(path)[0]
+
+    full = images()
+    assert np.array_equal(images("sample.guidance_interval=[0.0,1.0]"), full)
+    # 4 DDPM steps visit t = 999, 666, 333, 0: [0.5, 1] guides only the first two, so the samples change.
+    assert not np.array_equal(images("sample.guidance_interval=[0.5,1.0]"), full)
+    msg = _one_line_error(*_sample(capsys, "--ckpt", files["cond"], "--cfg-scale", 4, "--steps", 2,
+                                   "sample.guidance_interval=[0.9,0.1]", "--out-npz", tmp_path / "bad.npz"))
+    assert "sample.guidance_interval" in msg and "[0.9, 0.1]" in msg
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_gives_one_line(files, tmp_path, capsys):
+    msg = _one_line_error(*_sample(capsys, "--ckpt", files["cond"], "--device", "cuda", "--out-npz", tmp_path / "x.npz"))
+    assert msg == "error: --device cuda requested but CUDA is not available"
+
+
+def test_unknown_device_gives_one_line(files, tmp_path, capsys):
+    for device in ("tpu9", "cuda:x", ""):
+        msg = _one_line_error(*_sample(capsys, "--ckpt", files["cond"], "--device", device, "--out-npz", tmp_path / "x.npz"))
+        assert f"unknown --device '{device}'" in msg and "cpu, cuda" in msg
+
+
+def test_unwritable_outputs_give_one_line(files, tmp_path, capsys):
+    # A path below a regular file cannot be created, even by root.
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    for flag, name in (("--out-png", "x.png"), ("--out-npz", "x.npz"), ("--out-png", "sub/x.png")):
+        msg = _one_line_error(*_sample(capsys, "--ckpt", files["cond"], "--steps", 2, "--num-samples", 1,
+                                       flag, blocker / name))
+        assert f"cannot write {blocker / name}" in msg
+    assert blocker.read_text() == "not a folder"
+    msg = _one_line_error(*_sample(capsys, "--ckpt", files["cond"], "--steps", 2, "--num-samples", 1,
+                                   "--out-png", tmp_path / "grid.nopng"))
+    assert "cannot write" in msg and "extension" in msg
+
+
+def test_generate_labels_as_documented():
+    from ditlab.diffusion.gaussian import GaussianObjective
+    from ditlab.errors import DitlabError
+    from ditlab.sampling import generate
+
+    objective = GaussianObjective()
+    cond = build_model(config_from_dict({"model": dict(TINY, num_classes=3)}))
+    with pytest.raises(DitlabError, match=r"labels must be in \[0, 2\]"):
+        generate(cond, objective, [0, -1], sampler="ddim", steps=2)
+    uncond = build_model(config_from_dict({"model": dict(TINY, num_classes=0)}))
+    images, labels = generate(uncond, objective, [5, -3], sampler="ddim", steps=2)
+    assert images.shape == (2, 8, 8, 1) and labels.tolist() == [-1, -1]

@@ -82,7 +82,7 @@ class SampleConfig:
     sampler: str = "ddpm"  # gaussian: ddpm | ddim; flow: euler | heun | dopri5; shortcut: shortcut
     steps: int = 250
     cfg_scale: float = 1.0
-    guidance_interval: list[float] | None = None  # [t_lo, t_hi]: guide only inside (flow)
+    guidance_interval: list[float] | None = None  # [t_lo, t_hi] in [0, 1], t=1 noise: guide only inside
     clip_denoised: bool = True  # clip predicted x0 to [-1, 1] in pixel space
     eta: float = 0.0  # DDIM
     num_samples: int = 100

@@ -7,7 +7,9 @@ The .npz layout is the one of OpenAI's ADM evaluation suite (and DiT's sample_dd
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -40,6 +42,18 @@ def make_grid(images: np.ndarray, nrow: int, pad: int = 2, pad_value: int = 255)
     return grid
 
 
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Create `path`'s folder; an OS error while writing (read-only folder, full disk, ...) is one line."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield
+    except FileExistsError as e:  # mkdir: a folder on the way is a regular file
+        raise DitlabError(f"cannot write {path}: {e.filename} is a file, not a folder") from None
+    except OSError as e:
+        raise DitlabError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def save_grid(path: str | Path, images: np.ndarray, nrow: int | None = None, labels: list | np.ndarray | None = None) -> Path:
     """Write uint8 [N, H, W, C] images (C = 1 or 3) as a PNG grid; `labels` adds a caption above each cell."""
     from PIL import Image, ImageDraw
@@ -64,8 +78,11 @@ def save_grid(path: str | Path, images: np.ndarray, nrow: int | None = None, lab
             r, col = divmod(i, max(1, min(nrow, n)))
             draw.text((2 + col * (w + 2) + 1, 2 + r * (h + 2)), str(int(label)), fill=0)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    with _writing(path):
+        try:
+            img.save(path)
+        except ValueError as e:  # PIL has no writer for the file extension
+            raise DitlabError(f"cannot write {path}: {e}") from None
     return path
 
 
@@ -77,8 +94,8 @@ def save_npz(path: str | Path, images: np.ndarray, labels: np.ndarray | list) ->
     if labels.shape != (len(images),):
         raise DitlabError(f"save_npz: {len(images)} images but labels of shape {labels.shape}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, arr_0=images, labels=labels)
+    with _writing(path):
+        np.savez(path, arr_0=images, labels=labels)
     return path
 
 

@@ -51,7 +51,8 @@ def generate(
 
     Deterministic for a seed: all noise (the prior sample and each sampler step) comes from one
     CPU generator, so the same seed and batch size give identical images on any device.
-    Labels < 0 (or any label, for an unconditional model) sample without a class.
+    A conditional model needs labels in [0, num_classes); an unconditional model (num_classes=0)
+    ignores them and samples without a class (the returned labels are then -1).
     `clip_denoised=None` clips the predicted x0 in pixel space only (not latents, as the official
     sample.py). Extra `options` (e.g. eta) go to `objective.sample`.
     """
@@ -122,8 +123,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nrow", type=int, help="images per grid row (default ceil(sqrt(N)))")
     p.add_argument("--caption", action="store_true", help="write each sample's class label above it in the PNG")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device as a torch.device, failing with one line when it is unknown or absent here."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise DitlabError(f"unknown --device '{name}' (choose cpu, cuda or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DitlabError(f"--device {name} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DitlabError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def pick_sampler(objective, name: str) -> str:
+    """The sampler to run: `name` if the objective has it; the default "ddpm" on a non-Gaussian
+    objective means that objective's default (its first sampler); anything else is a typo."""
+    if name in objective.samplers:
+        return name
+    if name == "ddpm":
+        return objective.samplers[0]
+    raise DitlabError(f"unknown sample.sampler '{name}' for this objective (choose {', '.join(objective.samplers)})")
+
+
+def sampler_options(cfg: Config, sampler: str) -> dict:
+    """Sampler keyword options from the config (only DDIM has one: eta)."""
+    return {"eta": cfg.sample.eta} if cfg.objective.kind == "gaussian" and sampler == "ddim" else {}
+
+
+def _sampler(args, objective, cfg: Config) -> str:
+    """The sampler to run; --eta only applies to DDIM (a silently dropped flag would mislead)."""
+    if args.sampler is not None and args.sampler not in objective.samplers:
+        raise DitlabError(f"unknown sampler '{args.sampler}' for objective '{cfg.objective.kind}' "
+                          f"(choose: {', '.join(objective.samplers)})")
+    # The config's sampler: "ddpm" (the default, which a flow run's checkpoint may carry) means a
+    # non-Gaussian objective's default sampler; any other unknown name is a typo.
+    sampler = pick_sampler(objective, cfg.sample.sampler)
+    if args.eta and sampler != "ddim":
+        raise DitlabError(f"--eta applies to the ddim sampler only, not '{sampler}' (add --sampler ddim)")
+    return sampler
 
 
 def _merge(base: dict, updates: dict) -> dict:
@@ -199,12 +243,12 @@ def run(args) -> int:
     from ditlab.models.codec import latent_shape, load_codec
     from ditlab.models.loading import check_state_dict
 
+    device = resolve_device(args.device)  # before loading anything
     cfg, state, source, official = _resolve(args)
     s = cfg.sample
     for name in ("cfg_scale", "sampler", "steps", "seed", "batch_size", "eta"):
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
-    device = torch.device(args.device)
 
     codec = load_codec(cfg.vae, device)
     if official or args.image_size is not None:
@@ -221,12 +265,10 @@ def run(args) -> int:
         raise DitlabError(f"the VAE has {codec.latent_channels} latent channels but the model takes {model.in_channels}")
 
     objective = build_objective(cfg)
-    sampler = s.sampler if s.sampler in objective.samplers or args.sampler else objective.samplers[0]
-    if sampler not in objective.samplers:
-        raise DitlabError(f"unknown sampler '{sampler}' for objective '{cfg.objective.kind}' (choose: {', '.join(objective.samplers)})")
+    sampler = _sampler(args, objective, cfg)
     check_guidance(model, s.cfg_scale)
     labels = _labels(args, cfg, model.num_classes)
-    options = {"eta": s.eta} if cfg.objective.kind == "gaussian" and sampler == "ddim" else {}
+    options = sampler_options(cfg, sampler)
     clip = args.clip_denoised if args.clip_denoised is not None else (s.clip_denoised if codec is None else False)
 
     images, labels = generate(model, objective, labels, sampler=sampler, steps=s.steps, cfg_scale=s.cfg_scale,

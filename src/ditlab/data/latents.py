@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -27,6 +26,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ditlab.errors import DitlabError
+from ditlab.train.checkpoint import write_atomic
+from ditlab.train.command import split_config_args
 
 INDEX_FILE = "index.json"
 FORMAT = "ditlab-latents-v1"
@@ -89,15 +90,6 @@ class LatentsDataset(Dataset):
         return z, f.get_slice("labels")[j : j + 1][0].long()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def extract_latents(cfg, out_dir: str | Path, *, batch_size: int = 64, shard_size: int = 10000,
                     flip: bool = False, device: str | None = None, dtype: str = "float32",
                     progress: bool = True) -> Path:
@@ -134,7 +126,7 @@ def extract_latents(cfg, out_dir: str | Path, *, batch_size: int = 64, shard_siz
         tensors = {k: torch.cat(v).contiguous() for k, v in buf.items() if v}
         name = f"shard_{len(shards):05d}.safetensors"
         try:
-            _write_atomic(out / name, safetensors_bytes(tensors))
+            write_atomic(out / name, safetensors_bytes(tensors))
         except OSError as e:
             raise DitlabError(f"cannot write latent shard {out / name}: {e.strerror or e}") from None
         shards.append({"file": name, "count": len(tensors["labels"])})
@@ -170,7 +162,7 @@ def extract_latents(cfg, out_dir: str | Path, *, batch_size: int = 64, shard_siz
     from ditlab.config import save_config
 
     save_config(cfg, out / "config.yaml")
-    _write_atomic(out / INDEX_FILE, json.dumps(index, indent=1).encode())
+    write_atomic(out / INDEX_FILE, json.dumps(index, indent=1).encode())
     return out / INDEX_FILE
 
 
@@ -189,9 +181,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ditlab.config import load_config
 
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
-        config, overrides = None, [config, *overrides]
+    config, overrides = split_config_args(args.config, list(args.overrides))
     cfg = load_config(config, overrides)
     index = extract_latents(cfg, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
                             flip=args.flip, device=args.device, dtype=args.dtype, progress=not args.no_progress)

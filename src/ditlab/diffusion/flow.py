@@ -42,14 +42,22 @@ PREDICTIONS = ("velocity", "noise", "data")
 TIME_SAMPLINGS = ("uniform", "logit_normal", "lognormal")
 
 
+# mean_flat and randn_like serve every objective (gaussian.py and shortcut.py import them).
 def mean_flat(x: Tensor) -> Tensor:
-    return x.flatten(1).mean(1)
+    """Mean over all but the batch dimension."""
+    return x.mean(dim=list(range(1, x.ndim)))
 
 
 def randn_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Standard normal noise shaped like x, drawn on the generator's device (a CPU generator works for CUDA data)."""
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, device=device, generator=generator).to(x.device, x.dtype)
+    """Standard normal noise shaped like x (its dtype and device).
+
+    With a `generator` the noise is drawn on the generator's device and moved to x's, so a CPU
+    generator gives the same numbers for CUDA data; without one it comes from torch's global RNG
+    as `torch.randn_like` (the official DiT sampling loops' draw order).
+    """
+    if generator is None:
+        return torch.randn_like(x)
+    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
 
 
 def sample_time(

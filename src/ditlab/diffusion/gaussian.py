@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ditlab.diffusion.flow import check_interval, mean_flat, randn_like
 from ditlab.errors import DitlabError
 
 # ---------------------------------------------------------------------------------------------
@@ -101,18 +102,6 @@ def _take(arr: np.ndarray, t: Tensor, x: Tensor) -> Tensor:
     """
     out = torch.from_numpy(arr).to(t.device)[t].float()
     return out.view(-1, *([1] * (x.ndim - 1))).expand(x.shape)
-
-
-def mean_flat(x: Tensor) -> Tensor:
-    """Mean over all but the batch dimension."""
-    return x.mean(dim=list(range(1, x.ndim)))
-
-
-def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normal noise shaped like x: from `generator` (drawn on its device), else the global RNG."""
-    if generator is None:
-        return torch.randn_like(x)
-    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
 
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor | float, logvar2: Tensor | float) -> Tensor:
@@ -310,7 +299,7 @@ class GaussianDiffusion:
     ) -> dict[str, Tensor]:
         """One ancestral (DDPM) step x_t -> x_{t-1} ~ p(x_{t-1} | x_t); no noise at t = 0."""
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        noise = _randn_like(x, generator)
+        noise = randn_like(x, generator)
         nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
         if cond_fn is not None:
             out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs)
@@ -338,7 +327,7 @@ class GaussianDiffusion:
         alpha_bar = _take(self.alphas_cumprod, t, x)
         alpha_bar_prev = _take(self.alphas_cumprod_prev, t, x)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
-        noise = _randn_like(x, generator)  # drawn even for eta = 0, to keep the official RNG order
+        noise = randn_like(x, generator)  # drawn even for eta = 0, to keep the official RNG order
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
         nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
         return {"sample": mean_pred + nonzero * sigma * noise, "pred_xstart": out["pred_xstart"]}
@@ -483,7 +472,7 @@ class GaussianDiffusion:
         vb, xstart_mse, mse = [], [], []
         for i in list(range(self.num_timesteps))[::-1]:
             t = torch.tensor([i] * x_start.shape[0], device=x_start.device)
-            noise = _randn_like(x_start, generator)
+            noise = randn_like(x_start, generator)
             x_t = self.q_sample(x_start, t, noise)
             with torch.no_grad():
                 out = self._vb_terms_bpd(model, x_start, x_t, t, clip_denoised, model_kwargs)
@@ -588,27 +577,23 @@ TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
 # ---------------------------------------------------------------------------------------------
 
 
-def _draw(shape: tuple, generator: torch.Generator | None, device: torch.device, randint_high: int | None = None) -> Tensor:
-    """Normal noise (or uniform ints in [0, randint_high)) from `generator`'s device, moved to `device`."""
-    where = generator.device if generator is not None else device
-    if randint_high is not None:
-        return torch.randint(0, randint_high, shape, generator=generator, device=where).to(device)
-    return torch.randn(shape, generator=generator, device=where).to(device)
-
-
 class GaussianObjective:
     """DDPM training (IDDPM hybrid loss with a learned sigma) and DDPM/DDIM sampling.
 
     Training uses the full `diffusion_steps` process; sampling builds a respaced process for the
     requested steps: "ddpm" -> respacing str(steps), "ddim" -> "ddim{steps}" (official sample.py
     uses 250 DDPM steps).
+
+    `guidance_interval` = [lo, hi] applies classifier-free guidance only at steps with
+    lo <= t / T <= hi, t the original timestep 0..T-1: t / T near 1 is noise, as flow's t = 1.
     """
 
     samplers = ("ddpm", "ddim")
 
     def __init__(self, *, noise_schedule: str = "linear", diffusion_steps: int = 1000, learn_sigma: bool = True,
                  predict_xstart: bool = False, use_kl: bool = False, sigma_small: bool = False,
-                 rescale_learned_sigmas: bool = False, timestep_sampler: str = "uniform"):
+                 rescale_learned_sigmas: bool = False, timestep_sampler: str = "uniform",
+                 guidance_interval: list[float] | tuple[float, float] | None = None):
         self.options = dict(noise_schedule=noise_schedule, diffusion_steps=diffusion_steps, learn_sigma=learn_sigma,
                             predict_xstart=predict_xstart, use_kl=use_kl, sigma_small=sigma_small,
                             rescale_learned_sigmas=rescale_learned_sigmas)
@@ -617,22 +602,25 @@ class GaussianObjective:
         if timestep_sampler not in TIMESTEP_SAMPLERS:
             raise DitlabError(f"unknown objective.timestep_sampler '{timestep_sampler}' (choose {', '.join(TIMESTEP_SAMPLERS)})")
         self.resampler = LossSecondMomentResampler(diffusion_steps) if timestep_sampler == "loss-second-moment" else None
+        self.guidance_interval = check_interval(guidance_interval)  # the default of `sample`
 
     @classmethod
     def from_config(cls, cfg) -> "GaussianObjective":
         o = cfg.objective
         return cls(noise_schedule=o.noise_schedule, diffusion_steps=o.diffusion_steps, learn_sigma=cfg.model.learn_sigma,
                    predict_xstart=o.predict_xstart, use_kl=o.use_kl, sigma_small=o.sigma_small,
-                   rescale_learned_sigmas=o.rescale_learned_sigmas, timestep_sampler=o.timestep_sampler)
+                   rescale_learned_sigmas=o.rescale_learned_sigmas, timestep_sampler=o.timestep_sampler,
+                   guidance_interval=cfg.sample.guidance_interval)
 
     def loss(self, model: nn.Module, x0: Tensor, y: Tensor, *, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Mean hybrid loss at uniformly (or importance-) drawn timesteps; 'mse' and 'vb' (when learned) are logged extras."""
         if self.resampler is None:
-            t = _draw((x0.shape[0],), generator, x0.device, randint_high=self.diffusion.num_timesteps)
+            where = generator.device if generator is not None else x0.device  # draw where the generator lives
+            t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), generator=generator, device=where).to(x0.device)
             weights = None
         else:
             t, weights = self.resampler.sample(x0.shape[0], x0.device, generator)
-        noise = _draw(tuple(x0.shape), generator, x0.device).to(x0.dtype)
+        noise = randn_like(x0, generator)
         terms = self.diffusion.training_losses(model, x0, t, model_kwargs={"y": y}, noise=noise)
         if weights is None:
             out = {"loss": terms["loss"].mean()}
@@ -680,8 +668,9 @@ class GaussianObjective:
         guidance_interval: list[float] | tuple[float, float] | None = None,
         **options,
     ) -> Tensor:
-        """x_T = noise -> x_0 with classifier-free guidance on every step (or only inside
-        `guidance_interval` = [lo, hi], in units of t / T)."""
+        """x_T = noise -> x_0 with classifier-free guidance on every step, or only on those with
+        lo <= t / T <= hi for `guidance_interval` = [lo, hi] (default: the objective's, from
+        sample.guidance_interval; t / T near 1 is noise)."""
         from ditlab.diffusion.guidance import check_guidance, guided_forward
 
         unknown = [k for k, v in options.items() if v is not None]
@@ -690,12 +679,13 @@ class GaussianObjective:
         diffusion = self.spaced(sampler, steps)
         check_guidance(model, cfg_scale)
         T = self.options["diffusion_steps"]
+        interval = self.guidance_interval if guidance_interval is None else check_interval(guidance_interval)
 
         def guided(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
             scale = cfg_scale
-            if guidance_interval is not None:
-                lo, hi = guidance_interval
-                frac = float(t[0]) / T  # every row of a sampling batch shares one t
+            if interval is not None:
+                lo, hi = interval
+                frac = float(t[0]) / T  # t: the original timestep; every row of a sampling batch shares it
                 scale = cfg_scale if lo <= frac <= hi else 1.0
             return guided_forward(model, x, t, y, scale)
 

@@ -66,7 +66,7 @@ def sample_checkpoint(args) -> tuple[np.ndarray, np.ndarray, str | None]:
     from ditlab.models import build_model
     from ditlab.models.codec import load_codec
     from ditlab.models.loading import check_state_dict, load_state_dict_file
-    from ditlab.sampling import generate
+    from ditlab.sampling import generate, pick_sampler, resolve_device, sampler_options
     from ditlab.train.checkpoint import resolve_checkpoint
 
     if args.num_samples < 1:
@@ -79,18 +79,16 @@ def sample_checkpoint(args) -> tuple[np.ndarray, np.ndarray, str | None]:
     model = build_model(cfg)
     check_state_dict(model, state, f"checkpoint {weights}")
     model.load_state_dict(state, strict=True)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     model.to(device)
     objective = build_objective(cfg)
     s = cfg.sample
-    sampler = args.sampler or (s.sampler if s.sampler in objective.samplers else objective.samplers[0])
-    if sampler not in objective.samplers:
-        raise DitlabError(f"unknown sampler '{sampler}' (choose: {', '.join(objective.samplers)})")
+    sampler = pick_sampler(objective, args.sampler or s.sampler)
     cfg_scale = s.cfg_scale if args.cfg_scale is None else args.cfg_scale
     check_guidance(model, cfg_scale)
     n_cls = model.num_classes
     labels = np.arange(args.num_samples) % n_cls if n_cls > 0 else np.full(args.num_samples, -1)
-    options = {"eta": s.eta} if cfg.objective.kind == "gaussian" and sampler == "ddim" else {}
+    options = sampler_options(cfg, sampler)
     print(f"sampling {args.num_samples} images from {weights} ({sampler}, {args.steps or s.steps} steps, cfg {cfg_scale})")
     images, labels = generate(model, objective, labels, sampler=sampler, steps=args.steps or s.steps,
                               cfg_scale=cfg_scale, seed=args.seed, batch_size=args.batch_size,

