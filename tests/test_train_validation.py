@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -154,3 +157,18 @@ def test_repo_quickstart_config_is_the_packaged_one():
 
     link = ROOT / "configs" / "quickstart.yaml"
     assert link.is_symlink() and link.resolve() == quickstart_config_path().resolve()
+
+
+def test_quickstart_threads_follow_current_cpu_use():
+    from ditlab.train.quickstart import busy_cores, pick_threads
+
+    assert pick_threads(3) == 3
+    with pytest.raises(DitlabError, match="--threads"):
+        pick_threads(0)
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert busy_cores(interval=0.5) >= 0.8  # one core spinning is seen at once, unlike a load average
+    finally:
+        spinner.kill()
+        spinner.wait()

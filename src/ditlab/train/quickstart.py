@@ -35,6 +35,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads (default: all cores, or 1 when other processes already load them)")
 
 
+def busy_cores(interval: float = 0.5) -> float:
+    """Cores that other processes keep busy right now, from two reads of /proc/stat.
+
+    The load average would also count a `pip install` that just finished (it decays over a
+    minute), which is why the README's install-and-run line would otherwise start on 1 thread.
+    Where /proc/stat is missing (macOS), fall back to the 1-minute load average.
+    """
+    def read() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    try:
+        total0, idle0 = read()
+        time.sleep(interval)
+        total1, idle1 = read()
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except OSError:
+            return 0.0
+    cores = os.cpu_count() or 1
+    return cores * (1 - (idle1 - idle0) / max(total1 - total0, 1))
+
+
 def pick_threads(requested: int | None) -> int:
     """All cores on an idle machine; 1 on a busy one, where 2 threads of small ops mostly wait on each other
     (measured here: 5.8 s/step with 2 threads vs 0.24 s/step with 1 at a load average of 6 on 2 cores)."""
@@ -43,11 +68,7 @@ def pick_threads(requested: int | None) -> int:
             raise DitlabError(f"--threads must be >= 1, got {requested}")
         return requested
     cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    return cores if busy < 0.5 * cores else 1
+    return cores if busy_cores() < 0.5 * cores else 1
 
 
 def run(args: argparse.Namespace) -> int:
