@@ -206,3 +206,18 @@ def test_matches_official_code(in_channels):
     torch.testing.assert_close(out[:, in_channels + 3:], ref_out[:, in_channels + 3:], rtol=0, atol=1e-5)
     if in_channels == 4:  # official leaves channel 4 unguided
         assert (out[:, 3] - ref_out[:, 3]).abs().max() > 1e-3
+
+
+def test_force_drop_ids_replaces_random_label_dropout():
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=3,
+                class_dropout_prob=0.99)
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 2, 0])
+    null = torch.full_like(y, 3)
+    model.eval()
+    cond, uncond = model(x, t, y), model(x, t, null)
+    model.train()  # dropout 0.99 would drop nearly every label; forced ids decide instead
+    assert torch.allclose(model(x, t, y, force_drop_ids=torch.zeros_like(y)), cond, atol=1e-6)
+    assert torch.allclose(model(x, t, y, force_drop_ids=torch.ones_like(y)), uncond, atol=1e-6)

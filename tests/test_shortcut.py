@@ -299,3 +299,34 @@ def test_cli_train_rejects_bad_objective_options(tmp_path, capsys, override, mes
     code = main(["train", *TINY, f"objective.kind={kind}", override, f"train.out_dir={tmp_path / 'r'}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_label_dropout_is_drawn_once_for_target_and_prediction():
+    """A dropped row must be unconditional in the two target passes and in the prediction alike."""
+
+    class Recorder(nn.Module):
+        num_classes, in_channels = 10, 2
+
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+            self.calls = []
+
+        def forward(self, x, t, y, dt=None, force_drop_ids=None):
+            self.calls.append((y.clone(), force_drop_ids, self.training))
+            return x * self.w
+
+    obj = ShortcutObjective(fraction=0.5, base_steps=8, num_classes=10, class_dropout_prob=0.5)
+    model = Recorder().train()
+    y = torch.arange(16) % 10
+    obj.loss(model, torch.randn(16, 2, 1, 1), y, generator=torch.Generator().manual_seed(0))
+    (y1, f1, tr1), (y2, f2, tr2), (yp, fp, trp) = model.calls
+    assert not tr1 and not tr2 and trp  # targets in eval mode, prediction in train mode
+    assert f1 is None and f2 is None and torch.equal(fp, torch.zeros(16, dtype=torch.long))  # model dropout off
+    assert torch.equal(y1, yp[:8]) and torch.equal(y2, yp[:8])  # the same labels in all passes
+    dropped = yp == 10
+    assert 0 < int(dropped.sum()) < 16 and torch.equal(yp[~dropped], y[~dropped])
+    # No dropout configured: labels pass through and the model is called as before.
+    model.calls.clear()
+    ShortcutObjective(fraction=0.5, base_steps=8).loss(model, torch.randn(16, 2, 1, 1), y)
+    assert all(torch.equal(c[0], y[: len(c[0])]) and c[1] is None for c in model.calls)

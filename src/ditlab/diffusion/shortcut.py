@@ -14,11 +14,10 @@ Training, per batch (B rows):
 - the other rows train flow matching at the smallest step of the base grid, d = 1/base_steps
   (as the paper's code does; its d = 0 is the limit), t uniform on {1/base, ..., 1}, target eps - x0.
 Sampling: `steps` a power of two <= base_steps, d = 1/steps, x <- x - d s(x, t, d) from t = 1.
-The target passes run in eval mode, so the model's random label dropout (for classifier-free
-guidance) is off there and the target is the two-step estimate for the given label. The
-prediction pass runs in train mode and drops labels as usual; for those rows (class_dropout_prob
-of them) the unconditional prediction regresses to the conditional target, a small bias of the
-unconditional branch that the paper's code avoids by dropping labels once outside the model.
+Label dropout (for classifier-free guidance) is drawn once per batch by the objective, as in the
+paper's code, and the same labels (a dropped row gets the null label) go to the target passes and
+the prediction pass; the model's own random dropout is switched off with `force_drop_ids`.
+Otherwise an unconditional prediction would regress onto a conditional target.
 """
 
 from __future__ import annotations
@@ -40,7 +39,8 @@ def _expand(v: Tensor, x: Tensor) -> Tensor:
 class ShortcutObjective:
     samplers = ("shortcut",)
 
-    def __init__(self, fraction: float = 0.25, base_steps: int = 128, guidance_interval=None):
+    def __init__(self, fraction: float = 0.25, base_steps: int = 128, guidance_interval=None,
+                 num_classes: int = 0, class_dropout_prob: float = 0.0):
         if not 0.0 <= fraction <= 1.0:
             raise DitlabError(f"objective.shortcut_fraction must be in [0, 1], got {fraction}")
         if base_steps < 2 or base_steps & (base_steps - 1):
@@ -49,6 +49,8 @@ class ShortcutObjective:
         self.base_steps = base_steps
         self.levels = int(math.log2(base_steps))  # k = 0..levels-1 for bootstrap, d = 2^-k
         self.guidance_interval = check_interval(guidance_interval)
+        self.num_classes = num_classes  # label dropout is done here (see the module docstring)
+        self.class_dropout_prob = class_dropout_prob if num_classes > 0 else 0.0
         self.last_nfe = 0
 
     @classmethod
@@ -60,11 +62,21 @@ class ShortcutObjective:
         bad = [f"objective.{k}={v}" for k, (v, default) in flow_only.items() if v != default]
         if bad:
             raise DitlabError(f"{', '.join(bad)} applies to objective.kind flow only, not shortcut")
-        return cls(o.shortcut_fraction, o.shortcut_base_steps, cfg.sample.guidance_interval)
+        return cls(o.shortcut_fraction, o.shortcut_base_steps, cfg.sample.guidance_interval,
+                   cfg.model.num_classes, cfg.model.class_dropout_prob)
 
-    def call(self, model: nn.Module, x: Tensor, t: Tensor, y: Tensor, d: Tensor) -> Tensor:
+    def call(self, model: nn.Module, x: Tensor, t: Tensor, y: Tensor, d: Tensor, **kw) -> Tensor:
         """s(x, t, d): the model's average velocity over a step of size d (t, d in [0, 1], shape [B])."""
-        return model(x, t * 1000.0, y, dt=d * 1000.0)[:, : x.shape[1]]
+        return model(x, t * 1000.0, y, dt=d * 1000.0, **kw)[:, : x.shape[1]]
+
+    def drop_labels(self, y: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
+        """Labels with a class_dropout_prob share replaced by the null label, and the model keyword
+        that switches the model's own dropout off (empty when there is no dropout to do)."""
+        if self.class_dropout_prob <= 0:
+            return y, {}
+        g = generator.device if generator is not None else y.device
+        drop = (torch.rand(y.shape[0], device=g, generator=generator) < self.class_dropout_prob).to(y.device)
+        return torch.where(drop, self.num_classes, y), {"force_drop_ids": torch.zeros_like(y)}
 
     def draw(self, n: int, device=None, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, int]:
         """Times t, step sizes d (both [n]) and the number of bootstrap rows (the first ones)."""
@@ -84,7 +96,7 @@ class ShortcutObjective:
     def bootstrap_target(self, model: nn.Module, x_t: Tensor, t: Tensor, y: Tensor, d: Tensor) -> Tensor:
         """Mean velocity of two half steps of size d/2 from (x_t, t): the self-consistency target."""
         was_training = model.training
-        model.eval()  # no label dropout in the target: it must match the labels the prediction sees
+        model.eval()  # no label dropout here: the labels arrive already dropped (see the module docstring)
         try:
             h = d / 2
             v1 = self.call(model, x_t, t, y, h)
@@ -100,10 +112,11 @@ class ShortcutObjective:
         eps = randn_like(x0, generator)
         x_t = (1 - _expand(t, x0)) * x0 + _expand(t, x0) * eps
         target = eps - x0
+        y, keep_labels = self.drop_labels(y, generator)
         if nb > 0:
             boot = self.bootstrap_target(model, x_t[:nb], t[:nb], y[:nb], d[:nb])
             target = torch.cat([boot, target[nb:]])
-        pred = self.call(model, x_t, t, y, d)
+        pred = self.call(model, x_t, t, y, d, **keep_labels)
         err = mean_flat((pred.float() - target.float()) ** 2)
         out = {"loss": err.mean()}
         if nb > 0:

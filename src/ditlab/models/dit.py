@@ -269,14 +269,18 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor, dt: Tensor | None = None) -> Tensor:
-        """x [B,C,H,W] images or latents, t [B] timesteps, y [B] labels (num_classes = null), dt [B] step sizes."""
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, dt: Tensor | None = None,
+                force_drop_ids: Tensor | None = None) -> Tensor:
+        """x [B,C,H,W] images or latents, t [B] timesteps, y [B] labels (num_classes = null), dt [B] step sizes.
+
+        force_drop_ids [B] (1 = use the null label) replaces the random label dropout of training,
+        for objectives that must drop labels once for several passes (shortcut models)."""
         x = self.x_embedder(x)  # [B, N, D]
         if hasattr(self, "token_in"):
             x = self.token_in(x)
         if self.pos_embed_kind == "sincos":
             x = x + self.pos_embed
-        cond = [self.t_embedder(t), self.y_embedder(y, self.training)]
+        cond = [self.t_embedder(t), self.y_embedder(y, self.training, force_drop_ids)]
         if self.step_size_cond:
             if dt is None:
                 raise DitlabError("this model conditions on the step size: call it with dt=")

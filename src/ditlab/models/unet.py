@@ -200,13 +200,15 @@ class UNet(nn.Module):
             return checkpoint(stage, h, emb, use_reentrant=False)
         return stage(h, emb)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, dt: Tensor | None = None) -> Tensor:
-        """x [B, C, H, W], t [B] (timestep or t*1000), y [B] labels (num_classes = null), dt [B] step size."""
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, dt: Tensor | None = None,
+                force_drop_ids: Tensor | None = None) -> Tensor:
+        """x [B, C, H, W], t [B] (timestep or t*1000), y [B] labels (num_classes = null), dt [B] step size;
+        force_drop_ids as in `DiT.forward`."""
         emb = self.t_embedder(t)
         if self.y_embedder is not None:
             if y is None:
                 raise DitlabError("this U-Net is class-conditional: pass labels y (index num_classes = unconditional)")
-            emb = emb + self.y_embedder(y, self.training)
+            emb = emb + self.y_embedder(y, self.training, force_drop_ids)
         if self.dt_embedder is not None:
             if dt is None:
                 raise DitlabError("this U-Net conditions on the step size: pass dt")
