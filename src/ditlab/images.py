@@ -99,21 +99,26 @@ def save_npz(path: str | Path, images: np.ndarray, labels: np.ndarray | list) ->
     return path
 
 
-def load_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read an ADM-style sample file: (uint8 [N, H, W, C] images, int64 labels or None when absent)."""
+def read_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """The raw arrays of an ADM-style sample file: (arr_0, labels or arr_1 or None), one-line errors."""
     path = Path(path)
     if not path.is_file():
         raise DitlabError(f"sample file not found: {path}")
     try:
         with np.load(path) as f:
-            if "arr_0" not in f:
+            if "arr_0" not in f.files:
                 raise DitlabError(f"{path} has no 'arr_0' array (expected an ADM-style .npz)")
-            images = f["arr_0"]
-            labels = f["labels"].astype(np.int64) if "labels" in f else None
+            labels = f["labels"] if "labels" in f.files else (f["arr_1"] if "arr_1" in f.files else None)
+            return f["arr_0"], labels
     except DitlabError:
         raise
     except Exception as e:
         raise DitlabError(f"cannot read {path} as .npz: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def load_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read an ADM-style sample file: (uint8 [N, H, W, C] images, int64 labels or None when absent)."""
+    images, labels = read_npz(path)
     if images.ndim != 4 or images.dtype != np.uint8:
         raise DitlabError(f"{path}: arr_0 must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
-    return images, labels
+    return images, None if labels is None else labels.astype(np.int64)

@@ -13,6 +13,7 @@ import torch
 
 from ditlab.errors import DitlabError
 from ditlab.eval import fid as F
+from ditlab.images import read_npz
 
 INCEPTION_METRICS = ("fid", "sfid", "is", "pr")
 CLASSIFIER_METRICS = ("class_acc", "cls_fid", "cls_pr", "counts")
@@ -45,20 +46,10 @@ def as_uint8_images(images: np.ndarray, what: str = "images") -> np.ndarray:
 
 
 def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """(uint8 [N,H,W,C] images, int64 labels or None) from an ADM-style .npz (arr_0 [, labels])."""
+    """(uint8 [N,H,W,C] images, int64 labels or None) from an ADM-style .npz (arr_0 [, labels]);
+    float images in [-1, 1] are accepted and converted."""
     path = Path(path)
-    if not path.is_file():
-        raise DitlabError(f"sample file not found: {path}")
-    try:
-        with np.load(path) as f:
-            if "arr_0" not in f.files:
-                raise DitlabError(f"{path} has no 'arr_0' images (expected an ADM-style .npz)")
-            images = f["arr_0"]
-            labels = f["labels"] if "labels" in f.files else (f["arr_1"] if "arr_1" in f.files else None)
-    except DitlabError:
-        raise
-    except Exception as e:
-        raise DitlabError(f"cannot read {path} as .npz ({type(e).__name__})") from None
+    images, labels = read_npz(path)
     images = as_uint8_images(images, f"{path.name} arr_0")
     if labels is not None:
         labels = np.asarray(labels).astype(np.int64).reshape(-1)
