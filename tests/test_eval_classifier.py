@@ -15,7 +15,7 @@ from ditlab.eval.classifier import (
     EvalCNN,
     class_accuracy,
     load_classifier,
-    read_idx,
+    load_split,
     to_classifier_input,
     weights_path,
 )
@@ -57,7 +57,7 @@ def test_test_set_accuracy(dataset):
     root = DATA / dataset
     if not (root / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip("shared data not present")
-    x, y = read_idx(root / "t10k-images-idx3-ubyte.gz"), read_idx(root / "t10k-labels-idx1-ubyte.gz")
+    x, y = load_split(root, "test")
     assert len(x) == 10000
     assert class_accuracy(x[::4], y[::4], dataset) >= REQUIRED[dataset] - 0.004
 

@@ -75,18 +75,19 @@ def load_embedded_mnist() -> tuple[Tensor, Tensor]:
     return images.clone(), labels.clone()
 
 
-def _read_gz(path: Path) -> bytes:
+def _read_idx_bytes(path: Path) -> bytes:
+    """The bytes of an IDX file, gunzipped when its name ends in .gz."""
     if not path.is_file():
         raise DitlabError(f"missing data file: {path}")
     try:
-        with gzip.open(path, "rb") as f:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
             return f.read()
     except (OSError, EOFError, zlib.error) as e:
         raise DitlabError(f"corrupt or truncated gzip file {path}: {e}") from None
 
 
 def read_idx_images(path: Path) -> Tensor:
-    data = _read_gz(path)
+    data = _read_idx_bytes(path)
     if len(data) < 16:
         raise DitlabError(f"{path}: too short for an IDX image header ({len(data)} bytes)")
     magic, n, rows, cols = struct.unpack(">IIII", data[:16])
@@ -100,7 +101,7 @@ def read_idx_images(path: Path) -> Tensor:
 
 
 def read_idx_labels(path: Path, num_classes: int = 10) -> Tensor:
-    data = _read_gz(path)
+    data = _read_idx_bytes(path)
     if len(data) < 8:
         raise DitlabError(f"{path}: too short for an IDX label header ({len(data)} bytes)")
     magic, n = struct.unpack(">II", data[:8])

@@ -12,9 +12,7 @@ feature space of the classifier-FID and precision/recall (the MNIST analogue of 
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
-import struct
 import time
 from pathlib import Path
 
@@ -63,25 +61,11 @@ class EvalCNN(nn.Module):
 # ----------------------------------------------------------------------------- data
 
 
-def read_idx(path: str | Path) -> np.ndarray:
-    """Read one (optionally gzip-compressed) IDX file: uint8 images [N,28,28] or labels [N]."""
-    path = Path(path)
-    if not path.exists():
-        raise DitlabError(f"missing IDX file {path}")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    magic, n = struct.unpack(">II", data[:8])
-    if magic == 0x801:
-        return np.frombuffer(data, np.uint8, count=n, offset=8).copy()
-    if magic == 0x803:
-        rows, cols = struct.unpack(">II", data[8:16])
-        return np.frombuffer(data, np.uint8, count=n * rows * cols, offset=16).reshape(n, rows, cols).copy()
-    raise DitlabError(f"{path}: not an IDX image/label file (magic {magic:#x})")
-
-
 def load_split(root: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 images [N,28,28], int64 labels [N]) of the 'train' or 'test' split in an IDX dir."""
+    """(uint8 images [N,28,28], int64 labels [N]) of the 'train' or 'test' split in an IDX dir
+    (the .gz files, or uncompressed ones), verified by `ditlab.data.mnist`'s readers."""
+    from ditlab.data.mnist import read_idx_images, read_idx_labels
+
     prefix = {"train": "train", "test": "t10k"}[split]
     root = Path(root)
     found = []
@@ -92,7 +76,10 @@ def load_split(root: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
                 break
         else:
             raise DitlabError(f"no {prefix}-{kind}[.gz] in {root} (expected the standard MNIST IDX files)")
-    return read_idx(found[0]), read_idx(found[1]).astype(np.int64)
+    images, labels = read_idx_images(found[0]), read_idx_labels(found[1])
+    if len(images) != len(labels):
+        raise DitlabError(f"{found[0]} holds {len(images)} images but {found[1]} holds {len(labels)} labels")
+    return images[:, 0].numpy(), labels.numpy()
 
 
 def default_data_dir(dataset: str) -> Path:
