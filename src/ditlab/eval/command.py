@@ -65,7 +65,7 @@ def sample_checkpoint(args) -> tuple[np.ndarray, np.ndarray, str | None]:
     from ditlab.diffusion.guidance import check_guidance
     from ditlab.models import build_model
     from ditlab.models.codec import load_codec
-    from ditlab.models.loading import check_state_dict, load_state_dict_file
+    from ditlab.models.loading import load_weights
     from ditlab.sampling import generate, pick_sampler, resolve_device, sampler_options
     from ditlab.train.checkpoint import resolve_checkpoint
 
@@ -75,10 +75,7 @@ def sample_checkpoint(args) -> tuple[np.ndarray, np.ndarray, str | None]:
     if cfg is None:
         raise DitlabError(f"{weights} has no config.yaml beside it: sample it with `ditlab sample --out-npz` "
                           "and evaluate with --samples")
-    state = load_state_dict_file(weights, prefer_ema=True)
-    model = build_model(cfg)
-    check_state_dict(model, state, f"checkpoint {weights}")
-    model.load_state_dict(state, strict=True)
+    model = load_weights(build_model(cfg), weights, prefer_ema=True)
     device = resolve_device(args.device)
     model.to(device)
     objective = build_objective(cfg)
