@@ -1,0 +1,398 @@
+"""Byte-level language models: Infini-Attention against naive loops, DyT, BPTT, settings, training.
+
+Comparisons against reference loops run in float64. Their tolerance, TOL64 = 1e-10, follows
+from float64 rounding (eps = 2.2e-16): every compared quantity is a sum of at most a few hundred
+products of O(1) numbers, so the two computations may differ by ~1e-13, far below 1e-10, while
+any modelling error (a wrong mask, normaliser or update order) is O(0.01) or more.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ditlab.errors import DitlabError
+from ditlab.eval.lm import generate, passkey_accuracy, passkey_sequences
+from ditlab.models.infini_attention import InfiniAttention, elu_plus_one, memory_retrieve, memory_update
+from ditlab.models.layers import DyT, RoPE
+from ditlab.models.lm import ByteLM, CausalSelfAttention, Rotary1d, build_lm
+
+TOL64 = 1e-10
+TINY = dict(seq_len=16, d_model=16, n_layers=2, n_heads=2, mlp_ratio=2.0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread beats two (no synchronisation), and far more so when
+    other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _layer(rule: str = "linear", segment_len: int = 4, d_model: int = 8, n_heads: int = 2, bptt="full", seed: int = 0):
+    torch.manual_seed(seed)
+    layer = InfiniAttention(d_model, n_heads, segment_len, memory_update=rule, bptt=bptt).double()
+    with torch.no_grad():  # gates away from 0 and 1, different per head, so both reads matter
+        layer.beta.copy_(torch.tensor([0.4, -0.9], dtype=torch.float64)[:n_heads])
+    return layer
+
+
+@torch.no_grad()
+def _split_qkv(layer: nn.Module, x: torch.Tensor):
+    """q, k, v [B, T, H, d] from the layer's own projection, in float64."""
+    B, T, C = x.shape
+    qkv = x.double() @ layer.qkv.weight.double().T
+    return [t.reshape(B, T, layer.n_heads, layer.head_dim) for t in qkv.split(C, dim=-1)]
+
+
+@torch.no_grad()
+def reference_infini(layer: InfiniAttention, x: torch.Tensor, rule: str) -> torch.Tensor:
+    """The paper's equations with plain loops over batch, heads, segments and tokens."""
+    B, T, C = x.shape
+    H, d, L = layer.n_heads, layer.head_dim, layer.segment_len
+    q, k, v = _split_qkv(layer, x)
+
+    def sigma(u):  # ELU(u) + 1, written out
+        return torch.where(u > 0, u + 1, torch.exp(u))
+
+    out = torch.zeros(B, T, H, d, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            g = 1.0 / (1.0 + math.exp(-layer.beta[h].item()))
+            M, z = torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
+            for s0 in range(0, T, L):
+                seg = range(s0, min(s0 + L, T))
+                for t in seg:
+                    scores = [(q[b, t, h] @ k[b, j, h]).item() / math.sqrt(d) for j in range(s0, t + 1)]
+                    m = max(scores)
+                    w = [math.exp(s - m) for s in scores]
+                    a_dot = sum(wj * v[b, j, h] for wj, j in zip(w, range(s0, t + 1))) / sum(w)
+                    sq = sigma(q[b, t, h])
+                    den = float(sq @ z)
+                    a_mem = (sq @ M) / den if den != 0 else torch.zeros(d, dtype=torch.float64)
+                    out[b, t, h] = g * a_mem + (1 - g) * a_dot
+                # write the segment; the delta correction reads the memory from before the segment
+                targets = []
+                for t in seg:
+                    sk = sigma(k[b, t, h])
+                    den = float(sk @ z)
+                    retrieved = (sk @ M) / den if den != 0 else torch.zeros(d, dtype=torch.float64)
+                    targets.append(v[b, t, h] - retrieved if rule == "delta" else v[b, t, h])
+                for t, target in zip(seg, targets):
+                    sk = sigma(k[b, t, h])
+                    M = M + torch.outer(sk, target)
+                    z = z + sk
+    return out.reshape(B, T, C) @ layer.proj.weight.double().T
+
+
+@torch.no_grad()
+def masked_softmax_attention(x: torch.Tensor, layer: nn.Module, segment_len: int) -> torch.Tensor:
+    """Causal softmax attention inside each segment, by an explicit -inf mask; float64."""
+    B, T, C = x.shape
+    q, k, v = (t.transpose(1, 2) for t in _split_qkv(layer, x))  # [B, H, T, d]
+    outs = []
+    for s0 in range(0, T, segment_len):
+        qs, ks, vs = (t[:, :, s0:s0 + segment_len] for t in (q, k, v))
+        n = qs.shape[2]
+        scores = qs @ ks.transpose(-1, -2) / math.sqrt(layer.head_dim)
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        outs.append(torch.softmax(scores, dim=-1) @ vs)
+    y = torch.cat(outs, dim=2).transpose(1, 2).reshape(B, T, C)
+    return y @ layer.proj.weight.double().T
+
+
+# --------------------------------------------------------------------------- Infini-Attention
+
+
+@pytest.mark.parametrize("rule", ["linear", "delta"])
+def test_infini_layer_matches_per_token_reference_loop(rule):
+    layer = _layer(rule)
+    x = torch.randn(2, 14, 8, dtype=torch.float64)  # 3 full segments of 4 and a last one of 2
+    out = layer(x)
+    ref = reference_infini(layer, x, rule)
+    torch.testing.assert_close(out, ref, rtol=0, atol=TOL64)
+    # the memory matters: without it, segments after the first differ from the reference
+    assert (layer(x, memory=False)[:, 4:] - ref[:, 4:]).abs().max() > 1e-3
+    torch.testing.assert_close(layer(x, memory=False)[:, :4], ref[:, :4], rtol=0, atol=TOL64)
+
+
+def test_gate_forced_local_equals_masked_softmax_per_segment():
+    layer = _layer("linear")
+    with torch.no_grad():
+        layer.beta.fill_(-1e4)  # sigmoid(-1e4) == 0.0 exactly: the memory read is switched off
+    x = torch.randn(2, 14, 8, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), masked_softmax_attention(x, layer, 4), rtol=0, atol=TOL64)
+    # the vanilla layer is the same computation over one segment spanning the whole input
+    vanilla = CausalSelfAttention(8, 2).double()
+    vanilla.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "beta"})
+    torch.testing.assert_close(vanilla(x), masked_softmax_attention(x, vanilla, 14), rtol=0, atol=TOL64)
+
+
+def test_empty_memory_contributes_nothing_and_gradients_are_finite():
+    sigma_q = elu_plus_one(torch.randn(2, 2, 5, 4))
+    M = torch.zeros(2, 2, 4, 4, requires_grad=True)
+    z = torch.zeros(2, 2, 4, requires_grad=True)
+    read = memory_retrieve(sigma_q, M, z)
+    assert torch.equal(read, torch.zeros(2, 2, 5, 4))
+    read.sum().backward()
+    assert torch.isfinite(M.grad).all() and torch.isfinite(z.grad).all()
+
+    torch.manual_seed(0)
+    layer = InfiniAttention(8, 2, segment_len=6)  # float32, beta = 0: gate 1/2
+    x = torch.randn(3, 6, 8, requires_grad=True)  # exactly one segment: memory stays empty
+    out = layer(x)
+    with torch.no_grad():
+        layer.beta.fill_(-1e4)
+        local = layer(x)
+    # gate * 0 + (1 - 1/2) * A_dot, and halving is exact in floating point
+    assert torch.equal(out, 0.5 * local)
+    out.square().sum().backward()
+    grads = [x.grad] + [p.grad for p in layer.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_delta_rule_does_not_store_a_pair_twice_linear_rule_does():
+    torch.manual_seed(0)
+    d = 6
+    sigma_k = elu_plus_one(torch.randn(1, 1, 1, d, dtype=torch.float64))  # one key ...
+    v = torch.randn(1, 1, 1, d, dtype=torch.float64)  # ... and its value
+    M0, z0 = torch.zeros(1, 1, d, d, dtype=torch.float64), torch.zeros(1, 1, d, dtype=torch.float64)
+
+    M1, z1 = memory_update(sigma_k, v, M0, z0, "delta")
+    torch.testing.assert_close(M1[0, 0], torch.outer(sigma_k.flatten(), v.flatten()), rtol=0, atol=TOL64)
+    torch.testing.assert_close(memory_retrieve(sigma_k, M1, z1), v, rtol=0, atol=TOL64)  # stored exactly
+    M2, z2 = memory_update(sigma_k, v, M1, z1, "delta")
+    torch.testing.assert_close(M2, M1, rtol=0, atol=TOL64)  # nothing new to store
+    assert torch.equal(z2, 2 * z1)  # the normaliser still counts the key
+
+    L1, y1 = memory_update(sigma_k, v, M0, z0, "linear")
+    assert torch.equal(L1, M1)  # from an empty memory both rules write sigma(k)^T v
+    L2, y2 = memory_update(sigma_k, v, L1, y1, "linear")
+    assert torch.equal(L2, 2 * L1) and torch.equal(y2, 2 * y1)  # the same pair added again
+
+
+# --------------------------------------------------------------------------- BPTT
+
+
+def _segment_grads(model: ByteLM, x: torch.Tensor, loss_segment: int, memory: bool = True) -> list[float]:
+    """|d loss(segment) / d embeddings(segment j)| for every segment j."""
+    captured = {}
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        captured["h"] = output
+
+    handle = model.wte.register_forward_hook(keep)
+    logits = model(x, memory=memory)
+    handle.remove()
+    L = model.segment_len
+    sl = slice(loss_segment * L, (loss_segment + 1) * L)
+    F.cross_entropy(logits[:, sl].reshape(-1, 256), x[:, sl].reshape(-1)).backward()
+    grad = captured["h"].grad
+    return [float(grad[:, j * L:(j + 1) * L].abs().max()) for j in range(x.shape[1] // L)]
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+def test_truncated_bptt_cuts_gradients_through_memory_exactly(pos):
+    # Local attention, MLPs, norms and (segment-local) positions never mix segments, so the
+    # memory is the only path from one segment to the next.
+    x = torch.randint(0, 256, (2, 16))
+    settings = dict(TINY, pos=pos, attention="infini", segment_len=4)
+    for bptt, loss_segment, expected_nonzero in [
+        ("truncated", 3, [3]),
+        ("full", 3, [0, 1, 2, 3]),
+        (2, 3, [2, 3]),  # detached at the start of segment 2 only
+        (2, 1, [0, 1]),
+        ("full", 1, [0, 1]),  # later segments never influence earlier ones
+    ]:
+        torch.manual_seed(0)
+        model = build_lm(**settings, bptt=bptt)
+        grads = _segment_grads(model, x, loss_segment)
+        for j, g in enumerate(grads):
+            if j in expected_nonzero:
+                assert g > 1e-8, (bptt, loss_segment, j, grads)
+            else:
+                assert g == 0.0, (bptt, loss_segment, j, grads)
+    # memory reset at every segment: no cross-segment gradient even with full BPTT
+    torch.manual_seed(0)
+    grads = _segment_grads(build_lm(**settings, bptt="full"), x, 3, memory=False)
+    assert grads[:3] == [0.0, 0.0, 0.0] and grads[3] > 0
+
+
+# --------------------------------------------------------------------------- whole model
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+def test_infini_with_one_segment_and_closed_gate_equals_vanilla(pos):
+    torch.manual_seed(0)
+    vanilla = build_lm(**TINY, pos=pos).double()
+    infini = build_lm(**TINY, pos=pos, attention="infini", segment_len=16, gate_init=-1e4).double()
+    missing, unexpected = infini.load_state_dict(vanilla.state_dict(), strict=False)
+    assert not unexpected and all(k.endswith("attn.beta") for k in missing)
+    x = torch.randint(0, 256, (3, 16))
+    torch.testing.assert_close(infini(x), vanilla(x), rtol=0, atol=TOL64)
+
+
+def test_memory_state_lives_inside_one_call():
+    torch.manual_seed(0)
+    model = build_lm(**TINY, attention="infini", segment_len=4, memory_update="delta").double()
+    x = torch.randint(0, 256, (2, 16))
+    out = model(x)
+    assert torch.equal(model(x), out)  # no state carried between calls
+    torch.testing.assert_close(model(x[:, :8]), out[:, :8], rtol=0, atol=TOL64)  # causal, fresh memory
+    # memory=False equals running every segment as its own sequence
+    separate = torch.cat([model(x[:, s:s + 4]) for s in range(0, 16, 4)], dim=1)
+    torch.testing.assert_close(model(x, memory=False), separate, rtol=0, atol=TOL64)
+    # ... and the memory changes later segments (infini models run past seq_len too)
+    longer = torch.randint(0, 256, (2, 24))
+    assert (model(longer)[:, 4:] - model(longer, memory=False)[:, 4:]).abs().max() > 1e-4
+
+
+def test_rotary_matches_layers_rope_on_full_length():
+    x = torch.randn(2, 3, 10, 8)
+    torch.testing.assert_close(Rotary1d(8, 10)(x), RoPE(8, (10,))(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(Rotary1d(8, 32)(x), RoPE(8, (10,))(x), rtol=0, atol=1e-6)  # prefix of a longer table
+
+
+def test_dyt_formula_alpha_init_and_no_normalisation_statistics():
+    torch.manual_seed(0)
+    model = build_lm(**TINY, norm="dyt", dyt_alpha_init=0.3)
+    dyts = [m for m in model.modules() if isinstance(m, DyT)]
+    assert len(dyts) == 2 * TINY["n_layers"] + 1  # two per block and the final norm
+    assert all(m.alpha.item() == pytest.approx(0.3) for m in dyts)
+    assert not any(isinstance(m, (nn.LayerNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm)) for m in model.modules())
+    # no buffers at all in the state (no running statistics); rotary tables are not saved
+    assert set(model.state_dict()) == {n for n, _ in model.named_parameters(remove_duplicate=False)}
+
+    dyt = dyts[0]
+    with torch.no_grad():
+        dyt.alpha.fill_(0.7)
+        dyt.weight.copy_(torch.randn(16))
+        dyt.bias.copy_(torch.randn(16))
+    dyt = dyt.double()
+    x = torch.randn(4, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        expected = dyt.weight * torch.tanh(float(dyt.alpha) * x) + dyt.bias
+    torch.testing.assert_close(dyt(x), expected, rtol=0, atol=TOL64)
+    # element-wise: changing one feature changes no other feature (no statistics over features)
+    y = x.clone()
+    y[..., 3] += 10.0
+    diff = (dyt(y) - dyt(x)).abs().amax(dim=(0, 1))
+    assert diff[3] > 0 and torch.all(diff[torch.arange(16) != 3] == 0)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(norm="batchnorm"), "unknown norm"),
+    (dict(attention="linear"), "unknown attention"),
+    (dict(pos="sincos"), "unknown pos"),
+    (dict(attention="infini", segment_len=4, memory_update="hebbian"), "unknown memory_update"),
+    (dict(attention="infini", segment_len=5), "not divisible by segment_len"),
+    (dict(attention="infini"), "needs segment_len"),
+    (dict(d_model=18, n_heads=4), "not divisible by n_heads"),
+    (dict(d_model=6, n_heads=2), "even head dim"),
+    (dict(attention="infini", segment_len=4, bptt="sometimes"), "bptt"),
+    (dict(attention="infini", segment_len=4, bptt=0), "bptt"),
+    (dict(dropout=1.5), "dropout"),
+    (dict(n_layers=0), "n_layers"),
+    (dict(vocab=256), "unknown language-model setting"),
+])
+def test_bad_settings_raise_one_line_errors(settings, message):
+    with pytest.raises(DitlabError, match=message) as info:
+        build_lm(**{**TINY, **settings})
+    assert "\n" not in str(info.value)
+
+
+def test_vanilla_rejects_inputs_longer_than_its_context():
+    model = build_lm(**TINY)
+    with pytest.raises(DitlabError, match="longer than the model's context"):
+        model(torch.zeros(1, 17, dtype=torch.int64))
+
+
+def test_bptt_given_as_digits_is_an_integer():
+    assert build_lm(**TINY, attention="infini", segment_len=4, bptt="3").settings["bptt"] == 3
+
+
+@pytest.mark.parametrize("attention", ["vanilla", "infini"])
+def test_tiny_model_overfits_a_repeated_string(attention):
+    text = b"the quick brown fox jumps over the lazy dog. " * 12
+    data = torch.tensor(list(text))
+    torch.manual_seed(0)
+    model = build_lm(seq_len=32, d_model=32, n_layers=2, n_heads=2, attention=attention, segment_len=8,
+                     memory_update="delta", bptt="full")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(80):
+        starts = torch.randint(0, len(data) - 33, (16,), generator=g)
+        w = torch.stack([data[s:s + 33] for s in starts.tolist()])
+        loss = model.loss(w[:, :-1], w[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 5.0  # ~ln 256 = 5.55 at initialisation
+    assert sum(losses[-5:]) / 5 < 0.5, losses
+    # greedy generation continues the string
+    assert generate(model, text[:32], 16, temperature=0) == text[32:48]
+
+
+# --------------------------------------------------------------------------- passkey probe
+
+
+class NgramCopier(nn.Module):
+    """An oracle for the probe: predicts the byte that followed the last earlier occurrence of the
+    current 10-byte context (an induction head with unlimited memory)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(*x.shape, 256)
+        for b, row in enumerate(x.tolist()):
+            text = bytes(row)
+            for t in range(10, len(row)):
+                j = text.rfind(text[t - 9:t + 1], 0, t)  # an earlier match ending at j + 9 < t
+                if j >= 0:
+                    logits[b, t, text[j + 10]] = 1.0
+        return logits
+
+
+def test_passkey_sequences_layout():
+    tokens, keys = passkey_sequences(2, n_segments=4, segment_len=64, n_trials=5, n_digits=5,
+                                     generator=torch.Generator().manual_seed(1))
+    assert tokens.shape == (5, 256)
+    for row, key in zip(tokens.tolist(), keys):
+        text = bytes(row)
+        sentence = b" The pass key is " + key + b". Remember it. "
+        i = text.find(sentence)
+        assert 64 <= i and i + len(sentence) <= 128  # wholly inside segment 4 - 1 - 2 = 1
+        assert text.endswith(b" What is the pass key? The pass key is " + key)
+        assert len(key) == 5 and key.isdigit()
+
+
+def test_passkey_accuracy_scores_the_key_digits():
+    scores = passkey_accuracy(NgramCopier(), distances=[0, 1, 3], n_segments=4, segment_len=96, n_trials=6)
+    assert scores == {k: {"exact": 1.0, "digit": 1.0} for k in (0, 1, 3)}
+    zeros = passkey_accuracy(_ConstantModel(), distances=[1], n_segments=4, segment_len=64, n_trials=6)
+    assert zeros[1]["exact"] == 0.0  # it always says "0"; none of these keys is 00000
+    with pytest.raises(DitlabError):
+        passkey_sequences(4, n_segments=4, segment_len=64, n_trials=1)
+
+
+class _ConstantModel(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(*x.shape, 256)
+        logits[..., ord("0")] = 1.0
+        return logits
+
+
+def test_generate_sampling_is_seeded_and_respects_top_k():
+    torch.manual_seed(0)
+    model = build_lm(**TINY)
+    a = generate(model, b"hello", 20, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(3))
+    b = generate(model, b"hello", 20, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(3))
+    assert a == b and len(a) == 20  # the prompt grows past seq_len=16: the context is cropped
+    assert generate(model, b"hello", 5, top_k=1) == generate(model, b"hello", 5, temperature=0)
