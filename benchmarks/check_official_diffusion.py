@@ -77,7 +77,7 @@ def compare(dit_path: str) -> list[tuple[str, str, float]]:
     sys.path.insert(0, dit_path)
     from diffusion import create_diffusion as official_create  # the official package
 
-    from ditlab.diffusion.gaussian import create_diffusion
+    from ditlab.diffusion import create_diffusion
 
     torch.manual_seed(0)
     B, C, H = 4, 3, 8
@@ -163,7 +163,7 @@ def _compare_full_pipeline() -> list[tuple[str, str, float]]:
         return []
     from diffusion import create_diffusion as official_create
 
-    from ditlab.diffusion.gaussian import create_diffusion
+    from ditlab.diffusion import create_diffusion
     from ditlab.models.dit import DiT
 
     kw = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=64, depth=2, num_heads=4, num_classes=10)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from ditlab.cli import main
 from ditlab.config import Config
 from ditlab.errors import DitlabError
+from ditlab import io, runs
 from ditlab.train import checkpoint as ckpt
 
 TINY = [
@@ -31,27 +32,27 @@ def test_save_layout_latest_and_keep_last(tmp_path):
         _save(tmp_path, step, keep=2)
     ckpts = tmp_path / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000020", "step_0000030"]
-    assert ckpt.latest_checkpoint(tmp_path) == ckpts / "step_0000030"
+    assert runs.latest_checkpoint(tmp_path) == ckpts / "step_0000030"
     assert torch.equal(load_file(ckpts / "step_0000030" / "model.safetensors")["w"], torch.full((2, 2), 30.0))
     assert torch.load(ckpts / "step_0000030" / "state.pt", weights_only=True) == {"step": 30}
-    assert ckpt.checkpoint_step(ckpts / "step_0000030" / "ema.safetensors") == 30
+    assert runs.checkpoint_step(ckpts / "step_0000030" / "ema.safetensors") == 30
 
 
 def test_resolve_checkpoint_accepts_run_step_dir_and_file(tmp_path):
     _save(tmp_path, 5)
     step = tmp_path / "checkpoints" / "step_0000005"
     for path in (tmp_path, tmp_path / "checkpoints", step):
-        weights, cfg = ckpt.resolve_checkpoint(path)
+        weights, cfg = runs.resolve_checkpoint(path)
         assert weights == step / "ema.safetensors" and isinstance(cfg, Config)  # EMA preferred
-    weights, cfg = ckpt.resolve_checkpoint(step / "model.safetensors")
+    weights, cfg = runs.resolve_checkpoint(step / "model.safetensors")
     assert weights == step / "model.safetensors" and cfg is not None
     (step / "ema.safetensors").unlink()
-    assert ckpt.resolve_checkpoint(step)[0] == step / "model.safetensors"
+    assert runs.resolve_checkpoint(step)[0] == step / "model.safetensors"
     with pytest.raises(DitlabError, match="checkpoint not found"):
-        ckpt.resolve_checkpoint(tmp_path / "nope")
+        runs.resolve_checkpoint(tmp_path / "nope")
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     with pytest.raises(DitlabError, match="no checkpoint yet"):
-        ckpt.resolve_checkpoint(tmp_path / "empty")
+        runs.resolve_checkpoint(tmp_path / "empty")
 
 
 def _snapshot(step_dir: Path) -> dict[str, bytes]:
@@ -62,14 +63,14 @@ def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch, 
     run = tmp_path / "run"
     assert main(["train", *TINY, f"train.out_dir={run}", "train.steps=2"]) == 0
     good = _snapshot(run / "checkpoints" / "step_0000002")
-    real = ckpt._write_bytes
+    real = ckpt.write_bytes_synced
 
     def full_disk(path, data):
         if path.name == "state.pt":  # the weights went through, then the disk filled up
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(ckpt, "_write_bytes", full_disk)
+    monkeypatch.setattr(ckpt, "write_bytes_synced", full_disk)
     capsys.readouterr()
     assert main(["train", *TINY, f"train.out_dir={run}", "train.steps=4", "--resume"]) == 2
     err = capsys.readouterr().err.strip()
@@ -83,36 +84,36 @@ def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch, 
 def test_kill_during_save_leaves_latest_loadable(tmp_path, monkeypatch):
     run = tmp_path / "run"
     assert main(["train", *TINY, f"train.out_dir={run}", "train.steps=2"]) == 0
-    real = ckpt._write_bytes
+    real = ckpt.write_bytes_synced
 
     def killed(path, data):
         if path.name == "ema.safetensors":
             raise KeyboardInterrupt  # the process dies half-way through the step directory
         real(path, data)
 
-    monkeypatch.setattr(ckpt, "_write_bytes", killed)
+    monkeypatch.setattr(ckpt, "write_bytes_synced", killed)
     assert main(["train", *TINY, f"train.out_dir={run}", "train.steps=4", "--resume"]) == 130
-    monkeypatch.setattr(ckpt, "_write_bytes", real)
-    assert ckpt.latest_checkpoint(run).name == "step_0000002"  # the half-written step is invisible
+    monkeypatch.setattr(ckpt, "write_bytes_synced", real)
+    assert runs.latest_checkpoint(run).name == "step_0000002"  # the half-written step is invisible
     assert list((run / "checkpoints").glob(".tmp-*"))  # (a stray temp dir, as after a real kill)
     assert main(["train", *TINY, f"train.out_dir={run}", "train.steps=4", "--resume"]) == 0
-    assert ckpt.latest_checkpoint(run).name == "step_0000004"
+    assert runs.latest_checkpoint(run).name == "step_0000004"
     assert not list((run / "checkpoints").glob(".tmp-*"))  # the next good save cleans up
 
 
 def test_write_atomic_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
     target = tmp_path / "index.json"
-    ckpt.write_atomic(target, b"old")
-    real = ckpt._write_bytes
+    io.write_atomic(target, b"old")
+    real = io.write_bytes_synced
 
     def torn(path, data):
         real(path, data[:1])  # half the bytes reach the disk, then the process dies
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt, "_write_bytes", torn)
+    monkeypatch.setattr(io, "write_bytes_synced", torn)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.write_atomic(target, b"new contents")
+        io.write_atomic(target, b"new contents")
     assert target.read_bytes() == b"old"  # readers never see the torn write
-    monkeypatch.setattr(ckpt, "_write_bytes", real)
-    ckpt.write_atomic(target, b"new contents")
+    monkeypatch.setattr(io, "write_bytes_synced", real)
+    io.write_atomic(target, b"new contents")
     assert target.read_bytes() == b"new contents" and sorted(p.name for p in tmp_path.iterdir()) == ["index.json"]

@@ -9,7 +9,8 @@ diffusers = pytest.importorskip("diffusers")
 
 from ditlab.config import VAEConfig  # noqa: E402
 from ditlab.errors import DitlabError  # noqa: E402
-from ditlab.models.codec import SDVAECodec, latent_shape, load_codec  # noqa: E402
+from ditlab.codecs import latent_shape, load_codec
+from ditlab.codecs.sd_vae import SDVAECodec  # noqa: E402
 
 
 def tiny_vae(in_channels: int = 3) -> "diffusers.AutoencoderKL":

@@ -160,8 +160,8 @@ def test_extract_latents_and_train_from_them(tmp_path, capsys):
     assert index["num_samples"] == 6 and index["latent_shape"] == [4, 8, 8] and index["num_classes"] == 2
     assert [s["count"] for s in index["shards"]] == [4, 2]
     # The stored latents are the codec's scaled posterior means of the folder images (and of their mirrors).
+    from ditlab.codecs import load_codec
     from ditlab.data.latents import LatentsDataset
-    from ditlab.models.codec import load_codec
 
     pix = build_dataset(load_config(None, common))
     codec = load_codec(load_config(None, common).vae)
@@ -191,7 +191,7 @@ def test_extract_latents_writes_through_the_checkpoint_writer(tmp_path, capsys, 
     # full disk there is a one-line error and leaves no index (the dataset stays "incomplete").
     import errno
 
-    from ditlab.train import checkpoint as ckpt
+    from ditlab import io
 
     diffusers = pytest.importorskip("diffusers")
     vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
@@ -203,7 +203,7 @@ def test_extract_latents_writes_through_the_checkpoint_writer(tmp_path, capsys, 
     def full_disk(path, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "_write_bytes", full_disk)
+    monkeypatch.setattr(io, "write_bytes_synced", full_disk)
     out = tmp_path / "latents"
     rc = main(["extract-latents", "data.source=folder", f"data.path={tmp_path / 'imgs'}", "data.image_size=16",
                f"vae.path={tmp_path / 'vae'}", "--out", str(out), "--no-progress"])

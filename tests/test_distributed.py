@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from ditlab.cli import main
-from ditlab.train.trainer import StepSampler, _MicroBatches
+from ditlab.train.order import MicroBatches as _MicroBatches, StepSampler
 
 TINY = [
     "model.name=DiT-S/4", "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "objective.kind=flow",

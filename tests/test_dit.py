@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ditlab.config import Config, ModelConfig
-from ditlab.diffusion.guidance import guided_forward
+from ditlab.objectives.guidance import guided_forward
 from ditlab.errors import DitlabError
 from ditlab.models import build_model
 from ditlab.models.dit import DiT, DiT_models, dit_from_config

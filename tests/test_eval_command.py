@@ -73,9 +73,9 @@ class FakeInception(nn.Module):
 
 
 def test_inception_metrics_wiring(tmp_path, monkeypatch, capsys):
-    import ditlab.eval.inception as inception
+    import ditlab.commands.eval as eval_command
 
-    monkeypatch.setattr(inception, "load_inception", lambda path: FakeInception().eval())
+    monkeypatch.setattr(eval_command, "load_inception", lambda path: FakeInception().eval())
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (40, 16, 16, 3)).astype(np.uint8)
     np.savez(tmp_path / "s.npz", arr_0=imgs)
@@ -157,7 +157,7 @@ def test_eval_checkpoint_samples_and_evaluates(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "sampling" not in captured.out and "pt_inception" in captured.err
     # A sampler typo or an unavailable device is an error, not a silent fallback.
-    for flags, message in ((["--sampler", "heum"], "unknown sample.sampler 'heum'"), (["--device", "tpu"], "--device")):
+    for flags, message in ((["--sampler", "heum"], "unknown sampler 'heum'"), (["--device", "tpu"], "--device")):
         assert main(["eval", "--ckpt", str(tmp_path / "run"), "--num-samples", "2", "--metrics", "counts",
                      "--no-progress", *flags]) == 2
         err = capsys.readouterr().err

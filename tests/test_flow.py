@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from ditlab.config import load_config
-from ditlab.diffusion import build_objective
-from ditlab.diffusion.flow import FlowObjective, sample_time
+from ditlab.objectives import build_objective
+from ditlab.objectives.flow import FlowObjective, sample_time
 from ditlab.errors import DitlabError
 
 
@@ -247,34 +247,39 @@ def test_loss_terms_closed_form():
     assert "cos" not in FlowObjective().loss(Recorder(1.0), x0, y, generator=g)
 
 
-def test_measured_data_std_is_written_to_the_config():
+def test_measured_data_std_lives_in_the_objective_state():
     cfg = load_config(None, ["objective.kind=flow", "objective.data_std_target=0.82"])
     obj = build_objective(cfg)
+    assert obj.state_dict() == {}  # nothing measured yet
     x0 = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(1)) * 3 + 1
     rec = Recorder(1.0)
     obj.loss(rec, x0, torch.zeros(64, dtype=torch.long))
-    assert cfg.objective.data_std == pytest.approx(float(x0.std()))
+    assert obj.state_dict()["data_std"] == pytest.approx(float(x0.std()))
     assert obj.data_scale == pytest.approx(0.82 / float(x0.std()))
-    # a later batch does not change it (resume reads it from the saved config)
+    assert cfg.objective.data_std is None  # the config is never written behind the caller's back
+    # a later batch does not change it
     obj.loss(rec, x0 * 10, torch.zeros(64, dtype=torch.long))
-    assert cfg.objective.data_std == pytest.approx(float(x0.std()))
+    assert obj.state_dict()["data_std"] == pytest.approx(float(x0.std()))
+    # a fresh objective (a resumed run, `load_run`) takes it from the saved state
+    restored = build_objective(cfg)
+    restored.load_state_dict(obj.state_dict())
+    assert restored.data_scale == obj.data_scale
     with pytest.raises(DitlabError, match="data_std"):
         FlowObjective(data_std_target=0.82).sample(rec, noise(2)[:, :1], torch.zeros(2, dtype=torch.long), sampler="euler", steps=2)
 
 
-def test_resumed_run_reads_the_measured_data_std_back(tmp_path):
-    from ditlab.config import save_config
+def test_std_scaled_run_keeps_its_measured_std_through_resume_and_load_run(tmp_path):
+    from ditlab.cli import main
+    from ditlab.runs import latest_checkpoint, load_run, load_state
+    from test_train import tiny
 
-    step = tmp_path / "checkpoints" / "step_0000010"
-    step.mkdir(parents=True)
-    (tmp_path / "checkpoints" / "latest").write_text("step_0000010")
-    saved = load_config(None, ["objective.kind=flow", "objective.data_std_target=0.82", "objective.data_std=0.61"])
-    save_config(saved, step / "config.yaml")
-    cfg = load_config(None, ["objective.kind=flow", "objective.data_std_target=0.82", f"train.out_dir={tmp_path}"])
-    obj = build_objective(cfg)
-    assert obj.data_std == pytest.approx(0.61) and cfg.objective.data_std == pytest.approx(0.61)
-    obj.loss(Recorder(1.0), torch.randn(8, 1, 2, 2) * 5, torch.zeros(8, dtype=torch.long))
-    assert obj.data_std == pytest.approx(0.61)  # not measured again
+    args = tiny(tmp_path / "run", "objective.data_std_target=0.82", "train.ckpt_every=2")
+    assert main(["train", *args, "train.steps=2"]) == 0
+    measured = load_state(latest_checkpoint(tmp_path / "run"))["objective"]["data_std"]
+    assert load_config(tmp_path / "run" / "config.yaml").objective.data_std is None
+    assert main(["train", *args, "train.steps=4", "--resume"]) == 0
+    assert load_state(latest_checkpoint(tmp_path / "run"))["objective"]["data_std"] == measured  # not re-measured
+    assert load_run(tmp_path / "run").objective.data_std == measured
 
 
 @pytest.mark.parametrize("kind", ["logit_normal", "lognormal"])

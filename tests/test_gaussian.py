@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ditlab.diffusion.gaussian import GaussianObjective, create_diffusion, space_timesteps
+from ditlab.objectives.gaussian import GaussianObjective, create_diffusion, space_timesteps
 from ditlab.errors import DitlabError
 
 diffusers = pytest.importorskip("diffusers")
@@ -244,7 +244,7 @@ def test_objective_loss_and_sampling_are_seeded():
 
 def test_guidance_interval_comes_from_the_config_and_is_checked():
     from ditlab.config import load_config
-    from ditlab.diffusion import build_objective
+    from ditlab.objectives import build_objective
 
     class Recorder(_TinyNet):
         def __init__(self):
@@ -318,7 +318,7 @@ def test_matches_official_code():
 
 
 def test_loss_second_moment_resampler_is_unbiased_and_focuses():
-    from ditlab.diffusion.gaussian import LossSecondMomentResampler
+    from ditlab.objectives.gaussian import LossSecondMomentResampler
 
     T = 50
     r = LossSecondMomentResampler(T, history=3)

@@ -10,9 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from ditlab.config import load_config
-from ditlab.diffusion import build_objective
-from ditlab.diffusion.flow import FlowObjective
-from ditlab.diffusion.shortcut import ShortcutObjective
+from ditlab.objectives import build_objective
+from ditlab.objectives.flow import FlowObjective
+from ditlab.objectives.shortcut import ShortcutObjective
 from ditlab.errors import DitlabError
 from test_flow import MEANS, STDS, GMMField, gmm, moment_error, noise
 
@@ -174,7 +174,8 @@ def test_bad_input():
     with pytest.raises(DitlabError, match="num_classes=0"):
         obj.sample(Linear(), noise(2)[:, :1], y, steps=4, cfg_scale=3.0)
     for override, match in [("objective.shortcut_base_steps=100", "power of two"), ("objective.shortcut_fraction=1.5", "shortcut_fraction"),
-                            ("objective.data_std_target=0.82", "flow only"), ("objective.prediction=noise", "flow only")]:
+                            ("objective.data_std_target=0.82", "belongs to objective.kind flow, not shortcut"),
+                            ("objective.prediction=noise", "belongs to objective.kind flow")]:
         with pytest.raises(DitlabError, match=match):
             build_objective(load_config(None, ["objective.kind=shortcut", override]))
     assert math.log2(build_objective(load_config(None, ["objective.kind=shortcut"])).base_steps) == 7

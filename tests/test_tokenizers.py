@@ -11,8 +11,9 @@ import torch
 from ditlab.cli import main
 from ditlab.config import VAEConfig
 from ditlab.errors import DitlabError
-from ditlab.models.codec import latent_shape, load_codec
-from ditlab.models.tokenizers import TOKENIZER_KINDS, ConvTokenizer, load_tokenizer, psnr, save_tokenizer, train_tokenizer
+from ditlab.codecs import latent_shape, load_codec
+from ditlab.codecs.tokenizers import TOKENIZER_KINDS, ConvTokenizer, load_tokenizer, psnr, save_tokenizer
+from ditlab.train.tokenizer import train_tokenizer
 
 
 def digits(n: int = 64) -> torch.Tensor:

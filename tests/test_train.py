@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from ditlab.cli import main
 from ditlab.config import load_config
 from ditlab.train.ema import EMA
-from ditlab.train.trainer import StepSampler, Trainer
+from ditlab.train.order import StepSampler
+from ditlab.train.trainer import Trainer
 
 TINY = [
     "model.name=DiT-S/4", "model.hidden_size=32", "model.depth=1", "model.num_heads=2", "model.patch_size=4",
@@ -118,7 +119,7 @@ def test_time_budget_stops_training(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsys):
-    from ditlab.diffusion.flow import FlowObjective
+    from ditlab.objectives.flow import FlowObjective
 
     run = tmp_path / "run"
     assert main(["train", *tiny(run, "train.steps=2", "train.ckpt_every=2")]) == 0

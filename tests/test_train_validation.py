@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from ditlab.cli import main
 from ditlab.config import load_config
 from ditlab.errors import DitlabError
-from ditlab.sampling import pick_sampler
 from ditlab.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,10 +71,10 @@ def test_keep_last_zero_keeps_every_checkpoint(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["objective.kind=shortcut", "sample.sampler=shortcut", "sample.steps=3"], "power of two"),
     (["objective.kind=shortcut", "sample.sampler=shortcut", "sample.steps=256"], "power of two"),
-    (["sample.sampler=heum"], "unknown sample.sampler 'heum'"),  # a typo is not silently euler
+    (["sample.sampler=heum"], "unknown sampler 'heum'"),  # a typo is not silently euler
     (["objective.kind=gaussian", "sample.sampler=ddpm", "sample.steps=1"], "steps must be between 2"),
     (["objective.kind=gaussian", "sample.sampler=ddim", "sample.steps=999"], "integer stride"),
-    (["sample.steps=0"], "sample.steps must be a positive integer"),
+    (["sample.steps=0"], "steps must be a positive integer"),
     (["model.class_dropout_prob=0", "sample.cfg_scale=4"], "needs a null label"),
 ])
 def test_bad_sample_settings_fail_before_training(tmp_path, capsys, extra, message):
@@ -85,11 +84,10 @@ def test_bad_sample_settings_fail_before_training(tmp_path, capsys, extra, messa
     assert not (run / "checkpoints").exists()  # nothing was trained or saved
 
 
-def test_default_ddpm_sampler_maps_to_the_objective_default(tmp_path):
-    # "ddpm" is SampleConfig's default: on a flow model it means the flow default (euler), not an error.
-    trainer = Trainer(load_config(None, tiny(tmp_path / "run", "sample.sampler=ddpm")))
-    assert pick_sampler(trainer.objective, "ddpm") == "euler"
-    assert pick_sampler(trainer.objective, "heun") == "heun"
+def test_unset_sampler_and_steps_take_the_objective_defaults(tmp_path):
+    trainer = Trainer(load_config(None, tiny(tmp_path / "run", "sample.sampler=null", "sample.steps=null")))
+    assert trainer.objective.resolve_sampling(None, None) == ("euler", 250)
+    assert trainer.objective.resolve_sampling("heun", 3) == ("heun", 3)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
@@ -106,13 +104,14 @@ def test_unknown_device_is_an_error(tmp_path, capsys):
 
 def test_label_range_is_checked_before_the_device_copy(tmp_path):
     # On the meta device nothing can be read back: a check after the copy would crash, not raise.
-    trainer = Trainer(load_config(None, tiny(tmp_path / "run")))
-    trainer.device = torch.device("meta")
-    x, gen = torch.zeros(2, 1, 28, 28), torch.Generator().manual_seed(0)
-    xd, yd = trainer._prepare(x, torch.tensor([0, 9]), gen)
+    from ditlab.train.batch import prepare_batch
+
+    meta = dict(num_classes=10, device=torch.device("meta"), gen_cpu=torch.Generator().manual_seed(0))
+    x = torch.zeros(2, 1, 28, 28)
+    xd, yd = prepare_batch(x, torch.tensor([0, 9]), **meta)
     assert xd.device.type == "meta" and yd.device.type == "meta"
     with pytest.raises(DitlabError, match="label 10 out of range 0..9"):
-        trainer._prepare(x, torch.tensor([3, 10]), gen)
+        prepare_batch(x, torch.tensor([3, 10]), **meta)
 
 
 def _step_weights(step_dir: Path) -> dict:
@@ -153,14 +152,14 @@ def test_quickstart_rerun_needs_resume(tmp_path, capsys):
 
 
 def test_repo_quickstart_config_is_the_packaged_one():
-    from ditlab.train.quickstart import quickstart_config_path
+    from ditlab.commands.quickstart import quickstart_config_path
 
     link = ROOT / "configs" / "quickstart.yaml"
     assert link.is_symlink() and link.resolve() == quickstart_config_path().resolve()
 
 
 def test_quickstart_threads_follow_current_cpu_use():
-    from ditlab.train.quickstart import busy_cores, pick_threads
+    from ditlab.commands.quickstart import busy_cores, pick_threads
 
     assert pick_threads(3) == 3
     with pytest.raises(DitlabError, match="--threads"):

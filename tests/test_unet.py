@@ -132,7 +132,7 @@ def test_gradient_checkpointing_matches():
 def test_trains_with_gaussian_objective():
     cfg = load_config(None, ["model.name=unet", "model.unet_channels=16", "model.unet_num_res_blocks=1",
                              "objective.diffusion_steps=100"])
-    from ditlab.diffusion import build_objective
+    from ditlab.objectives import build_objective
 
     model = build_model(cfg)
     assert isinstance(model, UNet) and model.learn_sigma and model.out_channels == 2

@@ -1,8 +1,9 @@
-"""`ditlab` command line: one subcommand per job, each implemented in its own module.
+"""`ditlab` command line: one subcommand per job, each a module of `ditlab.commands`.
 
 A command module defines `add_arguments(parser)` and `run(args) -> int`. Modules are imported
-only when their command runs, so `ditlab --help` stays fast. A `DitlabError` anywhere becomes
-one line on stderr and exit status 2.
+only when their command runs, so `ditlab --help` stays fast; this is the one place in ditlab
+that imports its own modules lazily. A `DitlabError` anywhere becomes one line on stderr and
+exit status 2.
 """
 
 from __future__ import annotations
@@ -13,18 +14,18 @@ import sys
 
 from ditlab.errors import DitlabError
 
-# name -> (module, one-line help)
+# name -> (module of ditlab.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "quickstart": ("ditlab.train.quickstart", "train a class-conditional MNIST model in ~10 CPU minutes, then sample"),
-    "train": ("ditlab.train.command", "train a model from a YAML config with key=value overrides"),
-    "sample": ("ditlab.sampling", "sample a checkpoint (ditlab or official DiT) to a PNG grid and/or .npz"),
-    "eval": ("ditlab.eval.command", "FID/IS/precision-recall and MNIST classifier metrics of samples or a checkpoint"),
-    "extract-latents": ("ditlab.data.latents", "encode a dataset once with a VAE into sharded latent files"),
-    "train-classifier": ("ditlab.eval.classifier", "train the MNIST/Fashion-MNIST evaluator CNN"),
-    "train-tokenizer": ("ditlab.models.tokenizers", "train a conv autoencoder tokenizer and report PSNR"),
-    "flops": ("ditlab.eval.flops", "Gflops and parameter counts of model configs"),
-    "scaling": ("ditlab.eval.scaling", "fit and plot power laws (FID or loss vs compute)"),
-    "convert": ("ditlab.models.convert", "convert weights between ditlab/official DiT and diffusers"),
+    "quickstart": ("quickstart", "train a class-conditional MNIST model in ~10 CPU minutes, then sample"),
+    "train": ("train", "train a model from a YAML config with key=value overrides"),
+    "sample": ("sample", "sample a checkpoint (ditlab or official DiT) to a PNG grid and/or .npz"),
+    "eval": ("eval", "FID/IS/precision-recall and MNIST classifier metrics of samples or a checkpoint"),
+    "extract-latents": ("extract_latents", "encode a dataset once with a VAE into sharded latent files"),
+    "train-classifier": ("train_classifier", "train the MNIST/Fashion-MNIST evaluator CNN"),
+    "train-tokenizer": ("train_tokenizer", "train a conv autoencoder tokenizer and report PSNR"),
+    "flops": ("flops", "Gflops and parameter counts of model configs"),
+    "scaling": ("scaling", "fit and plot power laws (FID or loss vs compute)"),
+    "convert": ("convert", "convert weights between ditlab/official DiT and diffusers"),
 }
 
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     module_name, help_text = COMMANDS[name]
-    module = importlib.import_module(module_name)
+    module = importlib.import_module(f"ditlab.commands.{module_name}")
     parser = argparse.ArgumentParser(prog=f"ditlab {name}", description=help_text)
     module.add_arguments(parser)
     args = parser.parse_args(rest)

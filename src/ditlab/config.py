@@ -3,12 +3,18 @@
     cfg = load_config("configs/mnist.yaml", ["optim.lr=2e-4", "model.name=DiT-S/2"])
 
 Every field has a default, so an empty YAML file is a valid (MNIST, class-conditional) run.
-The resolved config is saved beside every run and checkpoint (`save_config`).
+`validate` holds every check of values against each other that needs no model or data; it runs
+on each `load_config` and again before training (code may edit a loaded config). The
+`objective` section is flat: `OBJECTIVE_FIELDS` says which fields belong to which kind, and a
+field of another kind set away from its default is an error. The resolved config is saved
+beside every run and checkpoint (`save_config`); `load_run_config` reads those back, also
+the ones older versions of ditlab wrote.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +24,7 @@ from typing import Any
 import yaml
 
 from ditlab.errors import DitlabError
+from ditlab.io import write_atomic
 
 
 @dataclass
@@ -34,7 +41,7 @@ class ModelConfig:
     num_heads: int | None = None
     patch_size: int | None = None
     mlp_ratio: float = 4.0
-    # Architecture variants (issue 7); the defaults are the official DiT.
+    # Architecture variants; the defaults are the official DiT.
     conditioning: str = "adaln_zero"  # adaln_zero | adaln | cross_attn | in_context
     class_encoding: str = "embedding"  # embedding | onehot
     pos_embed: str = "sincos"  # sincos | rope
@@ -55,7 +62,7 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    kind: str = "gaussian"  # gaussian | flow | shortcut
+    kind: str = "gaussian"  # gaussian | flow | shortcut; the fields of each kind: OBJECTIVE_FIELDS
     # Gaussian diffusion (official create_diffusion semantics)
     noise_schedule: str = "linear"  # linear | squaredcos_cap_v2 (cosine) | quadratic
     diffusion_steps: int = 1000
@@ -71,7 +78,7 @@ class ObjectiveConfig:
     time_std: float = 1.0
     cosine_loss_weight: float = 0.0  # FasterDiT velocity-direction loss
     data_std_target: float | None = None  # FasterDiT: scale data to this std (e.g. 0.82)
-    data_std: float | None = None  # measured std of the data; None = estimate on the first batch
+    data_std: float | None = None  # std of the data; None = measured on the first batch (kept in the checkpoint)
     # Shortcut models (Frans et al. 2024)
     shortcut_fraction: float = 0.25
     shortcut_base_steps: int = 128
@@ -79,12 +86,13 @@ class ObjectiveConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ddpm"  # gaussian: ddpm | ddim; flow: euler | heun | dopri5; shortcut: shortcut
-    steps: int = 250
+    # None = the objective's own default (gaussian: ddpm 250; flow: euler 250; shortcut: shortcut 4)
+    sampler: str | None = None  # gaussian: ddpm | ddim; flow: euler | heun | dopri5; shortcut: shortcut
+    steps: int | None = None
     cfg_scale: float = 1.0
     guidance_interval: list[float] | None = None  # [t_lo, t_hi] in [0, 1], t=1 noise: guide only inside
     clip_denoised: bool = True  # clip predicted x0 to [-1, 1] in pixel space
-    eta: float = 0.0  # DDIM
+    eta: float = 0.0  # DDIM only
     num_samples: int = 100
     batch_size: int = 100
     seed: int = 0
@@ -148,6 +156,18 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+OBJECTIVE_KINDS = ("gaussian", "flow", "shortcut")
+# Which `objective` fields each kind reads; the others must keep their defaults.
+OBJECTIVE_FIELDS: dict[str, tuple[str, ...]] = {
+    "gaussian": ("noise_schedule", "diffusion_steps", "predict_xstart", "use_kl", "sigma_small",
+                 "rescale_learned_sigmas", "timestep_sampler"),
+    "flow": ("prediction", "time_sampling", "time_mean", "time_std", "cosine_loss_weight", "data_std_target",
+             "data_std"),
+    "shortcut": ("shortcut_fraction", "shortcut_base_steps"),
+}
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Convert a YAML/CLI value to the field's declared type, or fail naming the field."""
     hint = annotation
@@ -203,6 +223,13 @@ def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, key, _coerce(value, hints[key], where))
 
 
+def split_config_args(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """Allow `ditlab train key=value ...` without a YAML file."""
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        return None, [config, *overrides]
+    return config, overrides
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """Turn ["optim.lr=2e-4", "model.name=DiT-B/2"] into a nested dict."""
     nested: dict[str, Any] = {}
@@ -218,33 +245,104 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
+def _foreign_objective_fields(cfg: Config) -> list[str]:
+    """`objective` fields of another kind than cfg.objective.kind that differ from their defaults."""
+    o, default = cfg.objective, ObjectiveConfig()
+    own = OBJECTIVE_FIELDS.get(o.kind, ())
+    return [name for kind, names in OBJECTIVE_FIELDS.items() if kind != o.kind
+            for name in names if name not in own and getattr(o, name) != getattr(default, name)]
+
+
+def validate(cfg: Config) -> Config:
+    """Raise one DitlabError line for the first setting that cannot work; return cfg."""
+    o, s, t, opt = cfg.objective, cfg.sample, cfg.train, cfg.optim
+    if o.kind not in OBJECTIVE_KINDS:
+        raise DitlabError(f"unknown objective.kind '{o.kind}' (choose {', '.join(OBJECTIVE_KINDS)})")
+    foreign = _foreign_objective_fields(cfg)
+    if foreign:
+        owner = {name: kind for kind, names in OBJECTIVE_FIELDS.items() for name in names}
+        name = foreign[0]
+        raise DitlabError(f"objective.{name}={getattr(o, name)!r} belongs to objective.kind {owner[name]}, "
+                          f"not {o.kind} (remove it or change objective.kind)")
+    interval = s.guidance_interval
+    checks = [
+        (s.eta == 0.0 or o.kind == "gaussian", f"sample.eta={s.eta} applies to Gaussian diffusion (ddim) only"),
+        (interval is None or (len(interval) == 2 and 0.0 <= interval[0] <= interval[1] <= 1.0),
+         f"sample.guidance_interval must be [t_lo, t_hi] with 0 <= t_lo <= t_hi <= 1, got {interval}"),
+        (s.num_samples >= 1, f"sample.num_samples must be >= 1, got {s.num_samples}"),
+        (s.batch_size >= 1, f"sample.batch_size must be >= 1, got {s.batch_size}"),
+        (t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}"),
+        (t.ckpt_every >= 0, f"train.ckpt_every must be >= 0 (0 = only at the end), got {t.ckpt_every}"),
+        (t.sample_every >= 0, f"train.sample_every must be >= 0 (0 = only at the end), got {t.sample_every}"),
+        (t.keep_last >= 0, f"train.keep_last must be >= 0 (0 = keep every checkpoint), got {t.keep_last}"),
+        (t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}"),
+        (0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {t.ema_decay}"),
+        (t.time_budget_s is None or t.time_budget_s >= 0, f"train.time_budget_s must be >= 0 seconds, got {t.time_budget_s}"),
+        (t.precision in PRECISIONS, f"train.precision must be auto, fp32 or bf16, got '{t.precision}'"),
+        (opt.batch_size >= 1, f"optim.batch_size must be >= 1, got {opt.batch_size}"),
+        (opt.lr > 0 and math.isfinite(opt.lr), f"optim.lr must be > 0, got {opt.lr}"),
+        (len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas), f"optim.betas must be two numbers in [0, 1), got {opt.betas}"),
+        (opt.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {opt.weight_decay}"),
+        (opt.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {opt.warmup_steps}"),
+        (opt.grad_clip is None or opt.grad_clip >= 0, f"optim.grad_clip must be > 0 (or null/0 = off), got {opt.grad_clip}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise DitlabError(message)
+    return cfg
+
+
 def config_from_dict(values: dict[str, Any] | None) -> Config:
     cfg = Config()
     _apply(cfg, values or {})
     return cfg
 
 
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise DitlabError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise DitlabError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise DitlabError(f"config file {path} must hold a mapping of sections")
+    return values
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or the defaults when path is None) and apply dotted overrides."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise DitlabError(f"config file not found: {path}")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise DitlabError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(values, dict):
-            raise DitlabError(f"config file {path} must hold a mapping of sections")
-    cfg = config_from_dict(values)
+    """Read a YAML config (or the defaults when path is None), apply dotted overrides, validate."""
+    cfg = config_from_dict(_read_yaml(path) if path is not None else {})
     _apply(cfg, parse_overrides(overrides or []))
-    return cfg
+    return validate(cfg)
+
+
+def load_run_config(path: str | Path) -> Config:
+    """The config.yaml of an existing run, including those written by older versions of ditlab.
+
+    Older versions saved every field, so a run's file holds the fields of all objective kinds,
+    and a flow or shortcut run saved `sample.sampler: ddpm` (then the default, meaning "the
+    objective's own sampler"). Fields of another kind never took effect: they are reset to
+    their defaults; that `ddpm` becomes None, which means the same today.
+    """
+    cfg = config_from_dict(_read_yaml(path))
+    default = ObjectiveConfig()
+    for name in _foreign_objective_fields(cfg):
+        setattr(cfg.objective, name, getattr(default, name))
+    if cfg.objective.kind != "gaussian" and cfg.sample.sampler == "ddpm":
+        cfg.sample.sampler = None
+    return validate(cfg)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def config_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Write the resolved config whole or not at all."""
+    write_atomic(path, config_yaml(cfg).encode())

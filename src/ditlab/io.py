@@ -1,4 +1,4 @@
-"""Image output: uint8 conversion, PNG grids and ADM-style .npz sample files.
+"""Files: atomic writes, uint8 image conversion, PNG grids and ADM-style .npz sample files.
 
 The .npz layout is the one of OpenAI's ADM evaluation suite (and DiT's sample_ddp.py):
 `arr_0` uint8 [N, H, W, C] and `labels` int64 [N] (-1 for samples of an unconditional model).
@@ -7,6 +7,7 @@ The .npz layout is the one of OpenAI's ADM evaluation suite (and DiT's sample_dd
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -16,6 +17,36 @@ import torch
 from torch import Tensor
 
 from ditlab.errors import DitlabError
+
+
+def write_bytes_synced(path: Path, data: bytes) -> None:
+    """Write, flush and fsync: the bytes are on disk when this returns."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write `path` whole or not at all: fsync'ed bytes under PATH.tmp, then an atomic rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write_bytes_synced(tmp, data)
+    os.replace(tmp, path)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (a no-op where the filesystem cannot fsync folders)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def to_uint8(x: Tensor) -> np.ndarray:

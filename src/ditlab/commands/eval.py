@@ -24,6 +24,11 @@ import torch
 
 from ditlab.errors import DitlabError
 from ditlab.eval import metrics as M
+from ditlab.eval.fid import read_reference, save_stats
+from ditlab.eval.inception import load_inception
+from ditlab.io import save_grid, save_npz
+from ditlab.runs import load_run, resolve_device
+from ditlab.sampling import generate
 
 DATASET_OF_SOURCE = {"mnist": "mnist", "mnist-embedded": "mnist", "fashion-mnist": "fashion-mnist"}
 
@@ -61,36 +66,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def sample_checkpoint(args) -> tuple[np.ndarray, np.ndarray, str | None]:
     """(uint8 images, labels, dataset of the run) from `args.ckpt`, labels cycling 0..C-1."""
-    from ditlab.diffusion import build_objective
-    from ditlab.diffusion.guidance import check_guidance
-    from ditlab.models import build_model
-    from ditlab.models.codec import load_codec
-    from ditlab.models.loading import load_weights
-    from ditlab.sampling import generate, pick_sampler, resolve_device, sampler_options
-    from ditlab.train.checkpoint import resolve_checkpoint
-
     if args.num_samples < 1:
         raise DitlabError(f"--num-samples must be positive, got {args.num_samples}")
-    weights, cfg = resolve_checkpoint(Path(args.ckpt).expanduser())
-    if cfg is None:
-        raise DitlabError(f"{weights} has no config.yaml beside it: sample it with `ditlab sample --out-npz` "
-                          "and evaluate with --samples")
-    model = load_weights(build_model(cfg), weights, prefer_ema=True)
-    device = resolve_device(args.device)
-    model.to(device)
-    objective = build_objective(cfg)
-    s = cfg.sample
-    sampler = pick_sampler(objective, args.sampler or s.sampler)
-    cfg_scale = s.cfg_scale if args.cfg_scale is None else args.cfg_scale
-    check_guidance(model, cfg_scale)
-    n_cls = model.num_classes
+    run = load_run(args.ckpt, ema=True, device=resolve_device(args.device))
+    s = run.cfg.sample
+    sampler, steps = run.objective.resolve_sampling(args.sampler or s.sampler, s.steps if args.steps is None else args.steps)
+    cfg_scale = args.cfg_scale if args.cfg_scale is not None else (s.cfg_scale if run.model.num_classes else 1.0)
+    n_cls = run.model.num_classes
     labels = np.arange(args.num_samples) % n_cls if n_cls > 0 else np.full(args.num_samples, -1)
-    options = sampler_options(cfg, sampler)
-    print(f"sampling {args.num_samples} images from {weights} ({sampler}, {args.steps or s.steps} steps, cfg {cfg_scale})")
-    images, labels = generate(model, objective, labels, sampler=sampler, steps=args.steps or s.steps,
-                              cfg_scale=cfg_scale, seed=args.seed, batch_size=args.batch_size,
-                              codec=load_codec(cfg.vae, device), progress=not args.no_progress, **options)
-    return images, labels, DATASET_OF_SOURCE.get(cfg.data.source)
+    print(f"sampling {args.num_samples} images from {run.weights} ({sampler}, {steps} steps, cfg {cfg_scale})")
+    images, labels = generate(run, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=args.seed,
+                              batch_size=args.batch_size, progress=not args.no_progress)
+    return images, labels, DATASET_OF_SOURCE.get(run.cfg.data.source)
 
 
 def parse_metrics(text: str | None, dataset: str | None) -> list[str]:
@@ -118,15 +105,11 @@ def format_table(result: dict[str, float], floor: dict[str, float]) -> str:
 
 
 def run(args) -> int:
-    from ditlab.eval.fid import read_reference, save_stats
-
     dataset = args.dataset
     inception = ref = None
     explicit = parse_metrics(args.metrics, dataset) if args.metrics else []
     if any(m in M.INCEPTION_METRICS for m in explicit) or args.save_ref:
         # Weights and reference first: a missing file should fail before minutes of sampling.
-        from ditlab.eval.inception import load_inception
-
         inception = load_inception(args.inception)
         ref = read_reference(args.ref) if args.ref else None
     if args.samples:
@@ -137,8 +120,6 @@ def run(args) -> int:
         dataset = dataset or run_dataset
         source = str(args.ckpt)
         if args.save_samples:
-            from ditlab.images import save_npz
-
             save_npz(args.save_samples, images, labels)
     only_ref = args.save_ref and args.metrics is None and dataset is None
     metrics = [] if only_ref else parse_metrics(args.metrics, dataset)
@@ -151,8 +132,6 @@ def run(args) -> int:
     feats = None
     if any(m in M.INCEPTION_METRICS for m in metrics) or args.save_ref:
         if inception is None:
-            from ditlab.eval.inception import load_inception
-
             inception = load_inception(args.inception)
             ref = read_reference(args.ref) if args.ref else None
         feats = M.inception_features(inception, images, args.batch_size, progress, args.device)
@@ -167,8 +146,6 @@ def run(args) -> int:
         save_stats(args.save_ref, **M.reference_stats(feats))
         print(f"wrote Inception reference statistics to {args.save_ref}")
     if args.grid:
-        from ditlab.images import save_grid
-
         idx = np.unique(np.linspace(0, len(images) - 1, min(100, len(images))).astype(int))  # spread over the file
         show = labels[idx] if labels is not None and (labels[idx] >= 0).all() else None
         save_grid(args.grid, images[idx], math.ceil(math.sqrt(len(idx))), labels=show)

@@ -17,7 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ditlab.config import load_config, save_config
 from ditlab.errors import DitlabError
+from ditlab.eval.classifier import class_accuracy
+from ditlab.io import save_grid, save_npz
+from ditlab.runs import latest_checkpoint
+from ditlab.sampling import generate
+from ditlab.train.trainer import Trainer
 
 
 def quickstart_config_path() -> Path:
@@ -72,11 +78,6 @@ def pick_threads(requested: int | None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ditlab.config import load_config, save_config
-    from ditlab.images import save_grid, save_npz
-    from ditlab.train.checkpoint import latest_checkpoint
-    from ditlab.train.trainer import Trainer, sample_images
-
     t0 = time.time()
     overrides = [f"train.out_dir={args.out}", *args.overrides]
     if args.budget is not None:
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     k = trainer.raw.num_classes
     y = np.arange(k).repeat(10)  # row i of the grid = class i
     t1 = time.time()
-    pixels, _ = sample_images(trainer.ema.model, trainer.objective, cfg, y)
+    pixels, _ = generate(trainer.ema_run(), y)
     out = Path(cfg.train.out_dir)
     grid = save_grid(out / "quickstart_grid.png", pixels, nrow=10)
     npz = save_npz(out / "quickstart_samples.npz", pixels, y)
@@ -113,8 +114,6 @@ def run(args: argparse.Namespace) -> int:
     accuracy = None
     if cfg.data.source in ("mnist-embedded", "mnist") and cfg.model.in_channels == 1 and cfg.model.input_size == 28:
         try:
-            from ditlab.eval.classifier import class_accuracy
-
             accuracy = class_accuracy(pixels, y, dataset="mnist")
         except (DitlabError, ImportError) as e:  # classifier weights missing: report, don't fail
             print(f"(class accuracy not measured: {e})")

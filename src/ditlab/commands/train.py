@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
+from ditlab.config import load_config, split_config_args
 from ditlab.errors import DitlabError
+from ditlab.train import distributed
+from ditlab.train.trainer import Trainer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,20 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
-def split_config_args(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
-    """Allow `ditlab train key=value ...` without a YAML file."""
-    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
-        return None, [config, *overrides]
-    return config, overrides
-
-
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ditlab.config import load_config
-    from ditlab.train import distributed
-    from ditlab.train.trainer import Trainer
-
     config, overrides = split_config_args(args.config, list(args.overrides))
     cfg = load_config(config, overrides)
     try:

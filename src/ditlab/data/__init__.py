@@ -10,27 +10,25 @@ Sources (`data.source`):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from torch.utils.data import Dataset
 
+from ditlab.config import Config
+from ditlab.data import mnist
+from ditlab.data.folder import ImageFolder
+from ditlab.data.latents import LatentsDataset
 from ditlab.errors import DitlabError
-
-if TYPE_CHECKING:
-    from ditlab.config import Config
 
 SOURCES = ("mnist-embedded", "mnist", "fashion-mnist", "folder", "latents")
 
 
-def _check_mnist_size(cfg: "Config") -> None:
+def _check_mnist_size(cfg: Config) -> None:
     if cfg.data.image_size != 28:
         raise DitlabError(f"data.source={cfg.data.source} has 28x28 images but data.image_size is {cfg.data.image_size}")
 
 
-def build_dataset(cfg: "Config") -> Dataset:
+def build_dataset(cfg: Config) -> Dataset:
     """The dataset `cfg.data` names; it has `num_classes` (classes present in the data)."""
-    from ditlab.data import mnist
-
     source = cfg.data.source
     if source == "mnist-embedded":
         _check_mnist_size(cfg)
@@ -40,15 +38,11 @@ def build_dataset(cfg: "Config") -> Dataset:
         root = Path(cfg.data.path) if cfg.data.path else mnist.default_dir(source)
         return mnist.ImageTensorDataset(*mnist.load_idx_dataset(root, cfg.data.split), num_classes=10)
     if source == "folder":
-        from ditlab.data.folder import ImageFolder
-
         if not cfg.data.path:
             raise DitlabError("data.source=folder needs data.path (a folder with one subfolder per class)")
         channels = 3 if cfg.vae.path else cfg.model.in_channels
         return ImageFolder(cfg.data.path, cfg.data.image_size, channels=channels, num_classes=cfg.model.num_classes)
     if source == "latents":
-        from ditlab.data.latents import LatentsDataset
-
         if not cfg.data.path:
             raise DitlabError("data.source=latents needs data.path (a directory written by ditlab extract-latents)")
         return LatentsDataset(cfg.data.path, use_flip=cfg.data.random_flip)

@@ -11,7 +11,6 @@ feature space of the classifier-FID and precision/recall (the MNIST analogue of 
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditlab.data.mnist import read_idx_images, read_idx_labels
 from ditlab.errors import DitlabError
 
 DATASETS = ("mnist", "fashion-mnist")
@@ -64,8 +64,6 @@ class EvalCNN(nn.Module):
 def load_split(root: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images [N,28,28], int64 labels [N]) of the 'train' or 'test' split in an IDX dir
     (the .gz files, or uncompressed ones), verified by `ditlab.data.mnist`'s readers."""
-    from ditlab.data.mnist import read_idx_images, read_idx_labels
-
     prefix = {"train": "train", "test": "t10k"}[split]
     root = Path(root)
     found = []
@@ -244,29 +242,3 @@ def _random_shift(x: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.
     cols = (dx[:, None] + torch.arange(w))[:, None, :].expand(n, h, w)
     flat = padded[:, 0].reshape(n, -1)
     return flat.gather(1, (rows * (w + 2 * max_shift) + cols).reshape(n, -1)).reshape(n, 1, h, w)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", choices=DATASETS, default="mnist")
-    parser.add_argument("--data", default=None, help="IDX dir (default: $DITLAB_DATA/<dataset>)")
-    parser.add_argument("--out", default=None, help="weights file (default: the package's assets)")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    data = Path(args.data) if args.data else default_data_dir(args.dataset)
-    out = Path(args.out) if args.out else weights_path(args.dataset)
-    r = train_classifier(args.dataset, data, out, args.epochs, args.batch_size, args.lr, args.width, args.seed)
-    size_kb = Path(r["path"]).stat().st_size / 1024
-    print(f"{args.dataset}: test accuracy {r['test_accuracy']:.4f}, {r['seconds']:.0f}s, wrote {out} ({size_kb:.0f} KB)")
-    return 0

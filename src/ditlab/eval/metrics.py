@@ -13,7 +13,8 @@ import torch
 
 from ditlab.errors import DitlabError
 from ditlab.eval import fid as F
-from ditlab.images import read_npz
+from ditlab.eval.classifier import classifier_outputs, default_data_dir, load_classifier, load_split
+from ditlab.io import read_npz
 
 INCEPTION_METRICS = ("fid", "sfid", "is", "pr")
 CLASSIFIER_METRICS = ("class_acc", "cls_fid", "cls_pr", "counts")
@@ -149,8 +150,6 @@ def classifier_metrics(images: np.ndarray, labels: np.ndarray | None, metrics: l
     with N samples): FID is biased upwards at small N, so compare against the floor, not 0.
     `max_ref` uses only the first that many test images as the reference (default: all 10k).
     """
-    from ditlab.eval.classifier import classifier_outputs, default_data_dir, load_classifier, load_split
-
     wanted = [m for m in metrics if m in CLASSIFIER_METRICS]
     if not wanted:
         return {}, {}

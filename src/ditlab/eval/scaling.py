@@ -1,6 +1,6 @@
 """Power-law fits y = a * x^b (FID or loss vs Gflops or training compute), as in DiT's Figure 8/9.
 
-    ditlab scaling --csv runs.csv --x gflops --y fid --out plot.png [--group model]
+    ditlab scaling --csv runs.csv --x gflops --y fid --out plot.png [--group model]   (ditlab.commands.scaling)
 
 The fit is linear least squares in log-log space (log y = log a + b log x), which weights the
 relative errors of every point alike; R^2 is reported in log space, where the fit is made.
@@ -8,7 +8,6 @@ relative errors of every point alike; R^2 is reported in log space, where the fi
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from dataclasses import asdict, dataclass
@@ -95,29 +94,3 @@ def plot_fits(data: dict[str, tuple[np.ndarray, np.ndarray]], fits: dict[str, Po
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--csv", required=True, help="CSV with a header row, one run per row")
-    parser.add_argument("--x", default="gflops", help="x column (e.g. gflops, train_compute)")
-    parser.add_argument("--y", default="fid", help="y column (e.g. fid, loss)")
-    parser.add_argument("--group", default=None, help="fit one power law per value of this column")
-    parser.add_argument("--out", default=None, help="PNG plot path")
-    parser.add_argument("--json", default=None, help="write the fits as JSON here")
-
-
-def run(args: argparse.Namespace) -> int:
-    data = read_csv(args.csv, args.x, args.y, args.group)
-    fits = {name: fit_power_law(x, y) for name, (x, y) in data.items() if len(np.unique(x)) >= 2}
-    if not fits:
-        raise DitlabError(f"no group has 2 distinct {args.x} values to fit")
-    print(f"fit: {args.y} = a * {args.x}^b (least squares in log-log space)")
-    print(f"{'group':<16} {'n':>3} {'a':>10} {'b':>9} {'±b':>7} {'R^2':>6}")
-    for name, f in fits.items():
-        print(f"{name:<16} {f.n:>3} {f.a:>10.4g} {f.b:>9.4f} {f.b_stderr:>7.4f} {f.r2:>6.3f}")
-    if args.out:
-        plot_fits(data, fits, args.out, args.x, args.y)
-        print(f"wrote {args.out}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({k: asdict(v) for k, v in fits.items()}, indent=2))
-    return 0

@@ -1,4 +1,4 @@
-"""Measure the objectives on MNIST: DDPM vs flow matching vs shortcut models (issue 6).
+"""Measure the objectives on MNIST: DDPM vs flow matching vs shortcut models.
 
     python -m ditlab.experiments.objectives --out runs/objectives --steps 1000 --eval-every 250
 
@@ -31,8 +31,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ditlab.config import Config, load_config
+from ditlab.config import Config, ObjectiveConfig, load_config
+from ditlab.data.mnist import load_embedded_mnist
 from ditlab.errors import DitlabError
+from ditlab.eval.classifier import classifier_outputs, default_data_dir, load_classifier, load_split
+from ditlab.eval.fid import fid_from_features
+from ditlab.io import save_grid
+from ditlab.runs import Run, latest_checkpoint, load_run
+from ditlab.sampling import generate
+from ditlab.train.trainer import Trainer
 
 # The base configs ship inside the package (configs/ at the repository root links to them),
 # so a wheel install finds them too.
@@ -48,7 +55,7 @@ def build_config(kind: str, args: argparse.Namespace) -> Config:
         raise DitlabError(f"the packaged config {base} is missing from {CONFIGS}; reinstall ditlab")
     cfg = load_config(Path(str(path)))
     if kind == "ddpm":  # the official DiT objective
-        cfg.objective.kind, cfg.model.learn_sigma = "gaussian", True
+        cfg.objective, cfg.model.learn_sigma = ObjectiveConfig(kind="gaussian"), True
         cfg.sample.sampler = "ddim"
     elif kind == "flow":
         cfg.objective.kind, cfg.objective.time_sampling = "flow", "logit_normal"
@@ -69,39 +76,20 @@ def build_config(kind: str, args: argparse.Namespace) -> Config:
 
 def real_features(clf, n: int, data: str) -> np.ndarray:
     """Evaluator features of n real test digits (the embedded 5k sample when no MNIST dir)."""
-    from ditlab.eval.classifier import classifier_outputs, default_data_dir, load_split
-
     try:
         x, _ = load_split(default_data_dir("mnist"), "test")
     except DitlabError:
-        from ditlab.data.mnist import load_embedded_mnist
-
         x = load_embedded_mnist()[0]  # [-1, 1] floats
     return classifier_outputs(clf, x[:n])[1].numpy()
 
 
-def load_ema(step_dir: Path):
-    from ditlab.diffusion import build_objective
-    from ditlab.models import build_model
-    from ditlab.train.checkpoint import read_weights, resolve_checkpoint
-
-    weights, cfg = resolve_checkpoint(step_dir)
-    model = build_model(cfg)
-    model.load_state_dict(read_weights(weights))
-    return model.eval(), build_objective(cfg)
-
-
-def score(model, objective, clf, real: np.ndarray, *, sampler: str, steps: int, n: int, cfg_scale: float) -> dict:
-    from ditlab.eval.classifier import classifier_outputs
-    from ditlab.eval.fid import fid_from_features
-    from ditlab.sampling import generate
-
+def score(run: Run, clf, real: np.ndarray, *, sampler: str, steps: int, n: int, cfg_scale: float) -> dict:
     labels = np.arange(n) % 10
     t0 = time.time()
-    images, labels = generate(model, objective, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=0, batch_size=n)
+    images, labels = generate(run, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=0, batch_size=n)
     logits, feats = classifier_outputs(clf, images)
     acc = float((logits.argmax(1).numpy() == labels).mean())
-    return {"acc": acc, "fid": fid_from_features(feats.numpy(), real), "nfe": getattr(objective, "last_nfe", steps),
+    return {"acc": acc, "fid": fid_from_features(feats.numpy(), real), "nfe": run.objective.last_nfe,
             "sample_s": time.time() - t0, "images": images}
 
 
@@ -114,10 +102,6 @@ def steps_to_reach(curve: list[dict], key: str, threshold: float, higher: bool =
 
 def train_one(kind: str, args, log) -> dict:
     """Train one objective, or reuse a finished run of the same length in OUT/kind."""
-    from ditlab.train.trainer import Trainer
-
-    from ditlab.train.checkpoint import latest_checkpoint
-
     cfg = build_config(kind, args)
     done = Path(cfg.train.out_dir) / "train_result.json"
     before = json.loads(done.read_text()) if done.is_file() else None
@@ -135,16 +119,14 @@ def train_one(kind: str, args, log) -> dict:
 
 
 def eval_one(kind: str, args, trained: dict, clf, real: np.ndarray, log) -> dict:
-    from ditlab.images import save_grid
-
     cfg = build_config(kind, args)
     sampler = {"ddpm": "ddim", "flow": "euler", "shortcut": "shortcut"}[kind]
     steps = 4 if kind == "shortcut" else args.sample_steps
     curve = []
     step_dirs = sorted((Path(cfg.train.out_dir) / "checkpoints").glob("step_*"))
     for step_dir in step_dirs:
-        model, objective = load_ema(step_dir)
-        s = score(model, objective, clf, real, sampler=sampler, steps=steps, n=args.eval_samples, cfg_scale=args.cfg_scale)
+        run = load_run(step_dir)
+        s = score(run, clf, real, sampler=sampler, steps=steps, n=args.eval_samples, cfg_scale=args.cfg_scale)
         step = int(step_dir.name.split("_")[1])
         curve.append({"step": step, "acc": s["acc"], "fid": s["fid"], "nfe": s["nfe"]})
         log(f"[{kind}] step {step}: acc {s['acc']:.3f} fid {s['fid']:.1f} ({sampler} {steps} steps, nfe {s['nfe']}, {s['sample_s']:.0f}s)")
@@ -155,7 +137,7 @@ def eval_one(kind: str, args, trained: dict, clf, real: np.ndarray, log) -> dict
         out["by_steps"] = []
         for k in args.shortcut_steps:
             n = args.eval_samples if k <= 8 else min(args.eval_samples, args.long_samples)
-            s = score(model, objective, clf, real, sampler="shortcut", steps=k, n=n, cfg_scale=args.cfg_scale)
+            s = score(run, clf, real, sampler="shortcut", steps=k, n=n, cfg_scale=args.cfg_scale)
             out["by_steps"].append({"steps": k, "samples": n, "acc": s["acc"], "fid": s["fid"]})
             save_grid(Path(args.out) / f"shortcut_{k}steps.png", s["images"][:100], 10)
             log(f"[shortcut] {k} steps: acc {s['acc']:.3f} fid {s['fid']:.1f}")
@@ -226,8 +208,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ditlab.eval.classifier import default_data_dir, load_classifier
-
     kinds = [k.strip() for k in args.objectives.split(",") if k.strip()]
     bad = [k for k in kinds if k not in ("ddpm", "flow", "shortcut")]
     if bad or not kinds:

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import nn
 
+from ditlab.config import Config
 from ditlab.errors import DitlabError
-from ditlab.models.dit import DiT, DiT_models
-
-if TYPE_CHECKING:
-    from ditlab.config import Config
+from ditlab.models.dit import DiT, DiT_models, dit_from_config
+from ditlab.models.unet import UNet
 
 __all__ = ["DiT", "DiT_models", "build_model"]
 
 
-def build_model(cfg: "Config") -> nn.Module:
+def build_model(cfg: Config) -> nn.Module:
     """Build the model a run's config describes.
 
     Learned sigma only exists for Gaussian diffusion; shortcut models always condition on the
@@ -25,11 +22,7 @@ def build_model(cfg: "Config") -> nn.Module:
     learn_sigma = m.learn_sigma and cfg.objective.kind == "gaussian"
     step_size_cond = m.step_size_cond or cfg.objective.kind == "shortcut"
     if m.name == "unet":
-        from ditlab.models.unet import UNet
-
         return UNet.from_config(m, learn_sigma=learn_sigma, step_size_cond=step_size_cond)
     if m.name not in DiT_models:
         raise DitlabError(f"unknown model '{m.name}' (choose one of: {', '.join(DiT_models)}, unet)")
-    from ditlab.models.dit import dit_from_config
-
     return dit_from_config(m, learn_sigma=learn_sigma, step_size_cond=step_size_cond)

@@ -14,19 +14,15 @@ uses it unchanged. On 28x28 MNIST with channel_mult [1, 2, 2] the resolutions ar
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ditlab.config import ModelConfig
 from ditlab.errors import DitlabError
 from ditlab.models.dit import forward_with_cfg_doubled
 from ditlab.models.layers import LabelEmbedder, OneHotLabelEmbedder, TimestepEmbedder
-
-if TYPE_CHECKING:
-    from ditlab.config import ModelConfig
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -176,7 +172,7 @@ class UNet(nn.Module):
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, self.out_channels, 3, padding=1)))
 
     @classmethod
-    def from_config(cls, model_cfg: "ModelConfig", learn_sigma: bool, step_size_cond: bool) -> "UNet":
+    def from_config(cls, model_cfg: ModelConfig, learn_sigma: bool, step_size_cond: bool) -> "UNet":
         """Build from `cfg.model` (the unet_* fields); DiT-only options must keep their defaults."""
         _reject_dit_options(model_cfg)
         return cls(
@@ -263,7 +259,7 @@ _DIT_ONLY = {
 }
 
 
-def _reject_dit_options(model_cfg: "ModelConfig") -> None:
+def _reject_dit_options(model_cfg: ModelConfig) -> None:
     changed = [f"{k}={getattr(model_cfg, k)!r}" for k, default in _DIT_ONLY.items() if getattr(model_cfg, k, default) != default]
     if changed:
         raise DitlabError(f"model.name=unet does not use the DiT option(s) {', '.join(changed)}; remove them or pick a DiT model")

@@ -1,36 +1,27 @@
-"""Training objectives and their samplers: one module per objective.
+"""Training objectives and their samplers, one module per objective, one interface (`Objective`).
 
 - `gaussian`: DDPM/DDIM Gaussian diffusion with the official DiT semantics (`create_diffusion`).
 - `flow`: flow matching / rectified flow (SiT's linear interpolant), with FasterDiT options.
 - `shortcut`: shortcut models (Frans et al. 2024), 1 to 128 sampling steps.
+
+Objectives know nothing of models beyond the call convention in `base.py`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from ditlab.config import Config
 from ditlab.errors import DitlabError
+from ditlab.objectives.base import Objective
+from ditlab.objectives.flow import FlowObjective
+from ditlab.objectives.gaussian import GaussianObjective
+from ditlab.objectives.shortcut import ShortcutObjective
 
-if TYPE_CHECKING:
-    from ditlab.config import Config
-    from ditlab.diffusion.base import Objective
-
-
-def create_diffusion(*args, **kwargs):
-    """Official `create_diffusion` (see ditlab.diffusion.gaussian)."""
-    from ditlab.diffusion.gaussian import create_diffusion as _create
-
-    return _create(*args, **kwargs)
+__all__ = ["FlowObjective", "GaussianObjective", "Objective", "ShortcutObjective", "build_objective"]
 
 
-def build_objective(cfg: "Config") -> "Objective":
-    kind = cfg.objective.kind
-    if kind == "gaussian":
-        from ditlab.diffusion.gaussian import GaussianObjective as cls
-    elif kind == "flow":
-        from ditlab.diffusion.flow import FlowObjective as cls
-    elif kind == "shortcut":
-        from ditlab.diffusion.shortcut import ShortcutObjective as cls
-    else:
-        raise DitlabError(f"unknown objective.kind '{kind}' (choose gaussian, flow or shortcut)")
-    return cls.from_config(cfg)
+def build_objective(cfg: Config) -> Objective:
+    """The objective `cfg.objective` describes (its guidance interval from `cfg.sample`)."""
+    kinds = {"gaussian": GaussianObjective, "flow": FlowObjective, "shortcut": ShortcutObjective}
+    if cfg.objective.kind not in kinds:
+        raise DitlabError(f"unknown objective.kind '{cfg.objective.kind}' (choose {', '.join(kinds)})")
+    return kinds[cfg.objective.kind].from_config(cfg)

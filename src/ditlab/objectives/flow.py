@@ -22,9 +22,8 @@ FasterDiT (Yao et al. 2024) switches, each independent:
   ratio t/(1-t). It is the same law as `logit_normal`; both names are accepted.
 - `data_std_target`: x0 is multiplied by data_std_target / data_std before training, and
   samples divided by it afterwards. Give `data_std`, or leave it None: then the std of the first
-  training batch (deterministic for a seed; averaged over ranks) is measured once and written
-  back into `cfg.objective.data_std`, so every checkpoint's config.yaml carries it for sampling,
-  and a resumed run reads it back from its latest checkpoint instead of measuring again.
+  training batch (deterministic for a seed; averaged over ranks) is measured once and kept in
+  the objective's state, which every checkpoint saves and `load_run` / resume restore.
 """
 
 from __future__ import annotations
@@ -34,30 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ditlab.diffusion.guidance import check_guidance, guided_forward
 from ditlab.errors import DitlabError
+from ditlab.objectives.base import Objective, mean_flat, randn_like
+from ditlab.objectives.guidance import check_guidance, check_interval, guided_forward, scale_at
 
 T_EPS = 1e-3  # trimmed end of the time interval for noise/data prediction
 PREDICTIONS = ("velocity", "noise", "data")
 TIME_SAMPLINGS = ("uniform", "logit_normal", "lognormal")
-
-
-# mean_flat and randn_like serve every objective (gaussian.py and shortcut.py import them).
-def mean_flat(x: Tensor) -> Tensor:
-    """Mean over all but the batch dimension."""
-    return x.mean(dim=list(range(1, x.ndim)))
-
-
-def randn_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Standard normal noise shaped like x (its dtype and device).
-
-    With a `generator` the noise is drawn on the generator's device and moved to x's, so a CPU
-    generator gives the same numbers for CUDA data; without one it comes from torch's global RNG
-    as `torch.randn_like` (the official DiT sampling loops' draw order).
-    """
-    if generator is None:
-        return torch.randn_like(x)
-    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
 
 
 def sample_time(
@@ -72,10 +54,12 @@ def sample_time(
     raise DitlabError(f"unknown objective.time_sampling '{kind}' (choose {', '.join(TIME_SAMPLINGS)})")
 
 
-class FlowObjective:
+class FlowObjective(Objective):
     """Linear-interpolant flow matching: `loss` for training, `sample` with euler | heun | dopri5."""
 
+    name = "flow matching"
     samplers = ("euler", "heun", "dopri5")
+    default_steps = 250  # SiT's sample.py default
 
     def __init__(
         self,
@@ -87,7 +71,6 @@ class FlowObjective:
         data_std_target: float | None = None,
         data_std: float | None = None,
         guidance_interval: tuple[float, float] | list[float] | None = None,
-        config_section=None,
     ):
         if prediction not in PREDICTIONS:
             raise DitlabError(f"unknown objective.prediction '{prediction}' (choose {', '.join(PREDICTIONS)})")
@@ -109,8 +92,6 @@ class FlowObjective:
         self.data_std_target = data_std_target
         self.data_std = data_std
         self.guidance_interval = check_interval(guidance_interval)
-        self._config_section = config_section  # cfg.objective, to write a measured data_std back
-        self.last_nfe = 0  # function evaluations (model calls) of the last `sample`
         # The usable time interval: the conversion to velocity divides by (1 - t) or t.
         self.t_min = T_EPS if prediction == "data" else 0.0
         self.t_max = 1.0 - T_EPS if prediction == "noise" else 1.0
@@ -118,8 +99,6 @@ class FlowObjective:
     @classmethod
     def from_config(cls, cfg) -> "FlowObjective":
         o = cfg.objective
-        if o.data_std_target is not None and o.data_std is None:
-            o.data_std = run_data_std(cfg.train.out_dir)  # --resume: the value measured at the start
         return cls(
             prediction=o.prediction,
             time_sampling=o.time_sampling,
@@ -129,8 +108,20 @@ class FlowObjective:
             data_std_target=o.data_std_target,
             data_std=o.data_std,
             guidance_interval=cfg.sample.guidance_interval,
-            config_section=o,
         )
+
+    def check_sampling(self, sampler: str, steps: int | None) -> None:
+        if sampler == "dopri5" and sampler in self.samplers:
+            return  # adaptive: `steps` is ignored
+        super().check_sampling(sampler, steps)
+
+    def state_dict(self) -> dict:
+        """The data std measured on the first batch (needed to sample a std-scaled model)."""
+        return {"data_std": self.data_std} if self.data_std_target is not None and self.data_std is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("data_std") is not None:
+            self.data_std = float(state["data_std"])
 
     # ---- data std scaling (FasterDiT) -------------------------------------------------------
 
@@ -154,8 +145,6 @@ class FlowObjective:
         if not std > 0:
             raise DitlabError("cannot measure objective.data_std: the first batch has zero std")
         self.data_std = std
-        if self._config_section is not None:
-            self._config_section.data_std = std  # saved with every checkpoint's config.yaml
 
     # ---- training -----------------------------------------------------------------------------
 
@@ -191,10 +180,10 @@ class FlowObjective:
 
     # ---- sampling -----------------------------------------------------------------------------
 
-    def velocity(self, model: nn.Module, x: Tensor, t: float, y: Tensor, cfg_scale: float) -> Tensor:
+    def velocity(self, model: nn.Module, x: Tensor, t: float, y: Tensor, cfg_scale: float,
+                 interval: tuple[float, float] | None = None) -> Tensor:
         """v(x, t) from one (guided) model call; t is a python float shared by the batch."""
-        lo, hi = self.guidance_interval or (0.0, 1.0)
-        scale = cfg_scale if lo <= t <= hi else 1.0
+        scale = scale_at(cfg_scale, t, interval)
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
         out = guided_forward(model, x, self.model_time(tt), y, scale)[:, : x.shape[1]]
         if self.prediction == "velocity":
@@ -212,6 +201,7 @@ class FlowObjective:
         sampler: str = "euler",
         steps: int = 50,
         cfg_scale: float = 1.0,
+        guidance_interval: tuple[float, float] | list[float] | None = None,
         clip_denoised: bool = True,
         progress: bool = False,
         generator: torch.Generator | None = None,
@@ -229,17 +219,15 @@ class FlowObjective:
         """
         if options:
             raise DitlabError(f"flow sampling got unknown options: {', '.join(sorted(options))}")
-        if sampler not in self.samplers:
-            raise DitlabError(f"unknown sampler '{sampler}' for flow matching (choose {', '.join(self.samplers)})")
-        if sampler != "dopri5" and (not isinstance(steps, int) or steps < 1):
-            raise DitlabError(f"sampling steps must be a positive integer, got {steps}")
+        self.check_sampling(sampler, steps)
         check_guidance(model, cfg_scale)
+        interval = self.guidance_interval if guidance_interval is None else check_interval(guidance_interval)
         scale = self.data_scale
         self.last_nfe = 0
 
         def f(x: Tensor, t: float) -> Tensor:
             self.last_nfe += 1
-            return self.velocity(model, x, t, y, cfg_scale)
+            return self.velocity(model, x, t, y, cfg_scale, interval)
 
         x = noise
         with torch.no_grad():
@@ -270,25 +258,3 @@ class FlowObjective:
         # torchdiffeq hands t as a 0-dim tensor; the model sees it as a float.
         out = odeint(lambda t, z: f(z, float(t)), x, ts.to(x.device, x.dtype), method="dopri5", rtol=rtol, atol=atol)
         return out[-1]
-
-
-def run_data_std(run_dir) -> float | None:
-    """objective.data_std measured earlier in this run (its latest checkpoint's config), or None."""
-    from ditlab.config import load_config
-    from ditlab.train.checkpoint import latest_checkpoint
-
-    try:
-        step_dir = latest_checkpoint(run_dir)
-    except DitlabError:
-        return None
-    if step_dir is None or not (step_dir / "config.yaml").is_file():
-        return None
-    return load_config(step_dir / "config.yaml").objective.data_std
-
-
-def check_interval(interval) -> tuple[float, float] | None:
-    if interval is None:
-        return None
-    if len(interval) != 2 or not (0.0 <= interval[0] <= interval[1] <= 1.0):
-        raise DitlabError(f"sample.guidance_interval must be [t_lo, t_hi] with 0 <= t_lo <= t_hi <= 1, got {list(interval)}")
-    return (float(interval[0]), float(interval[1]))

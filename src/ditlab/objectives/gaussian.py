@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ditlab.diffusion.flow import check_interval, mean_flat, randn_like
 from ditlab.errors import DitlabError
+from ditlab.objectives.base import Objective, mean_flat, randn_like
+from ditlab.objectives.guidance import check_guidance, check_interval, guided_forward, scale_at
 
 # ---------------------------------------------------------------------------------------------
 # Noise schedules and respacing
@@ -577,7 +578,7 @@ TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
 # ---------------------------------------------------------------------------------------------
 
 
-class GaussianObjective:
+class GaussianObjective(Objective):
     """DDPM training (IDDPM hybrid loss with a learned sigma) and DDPM/DDIM sampling.
 
     Training uses the full `diffusion_steps` process; sampling builds a respaced process for the
@@ -588,7 +589,9 @@ class GaussianObjective:
     lo <= t / T <= hi, t the original timestep 0..T-1: t / T near 1 is noise, as flow's t = 1.
     """
 
+    name = "Gaussian diffusion"
     samplers = ("ddpm", "ddim")
+    default_steps = 250  # the official sample.py
 
     def __init__(self, *, noise_schedule: str = "linear", diffusion_steps: int = 1000, learn_sigma: bool = True,
                  predict_xstart: bool = False, use_kl: bool = False, sigma_small: bool = False,
@@ -598,6 +601,7 @@ class GaussianObjective:
                             predict_xstart=predict_xstart, use_kl=use_kl, sigma_small=sigma_small,
                             rescale_learned_sigmas=rescale_learned_sigmas)
         self.diffusion = create_diffusion("", **self.options)
+        self.default_steps = min(self.default_steps, diffusion_steps)
         self._spaced: dict[str, GaussianDiffusion] = {}
         if timestep_sampler not in TIMESTEP_SAMPLERS:
             raise DitlabError(f"unknown objective.timestep_sampler '{timestep_sampler}' (choose {', '.join(TIMESTEP_SAMPLERS)})")
@@ -640,13 +644,16 @@ class GaussianObjective:
         if self.resampler is not None and "resampler" in state:
             self.resampler.load_state_dict(state["resampler"])
 
-    def spaced(self, sampler: str, steps: int) -> GaussianDiffusion:
-        """The respaced process a sampler runs for `steps` steps (cached)."""
-        if sampler not in self.samplers:
-            raise DitlabError(f"unknown sampler '{sampler}' for Gaussian diffusion (choose: {', '.join(self.samplers)})")
+    def check_sampling(self, sampler: str, steps: int | None) -> None:
+        super().check_sampling(sampler, steps)
         T = self.options["diffusion_steps"]
         if not 2 <= steps <= T:
-            raise DitlabError(f"steps must be between 2 and diffusion_steps={T}, got {steps}")
+            raise DitlabError(f"sampling steps must be between 2 and objective.diffusion_steps={T}, got {steps}")
+        space_timesteps(T, f"ddim{steps}" if sampler == "ddim" else str(steps))  # DDIM needs an integer stride
+
+    def spaced(self, sampler: str, steps: int) -> GaussianDiffusion:
+        """The respaced process a sampler runs for `steps` steps (cached)."""
+        self.check_sampling(sampler, steps)
         respacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
         if respacing not in self._spaced:
             self._spaced[respacing] = create_diffusion(respacing, **self.options)
@@ -661,32 +668,31 @@ class GaussianObjective:
         sampler: str = "ddpm",
         steps: int = 250,
         cfg_scale: float = 1.0,
+        guidance_interval: list[float] | tuple[float, float] | None = None,
         clip_denoised: bool = True,
         progress: bool = False,
         generator: torch.Generator | None = None,
         eta: float = 0.0,
-        guidance_interval: list[float] | tuple[float, float] | None = None,
         **options,
     ) -> Tensor:
         """x_T = noise -> x_0 with classifier-free guidance on every step, or only on those with
         lo <= t / T <= hi for `guidance_interval` = [lo, hi] (default: the objective's, from
-        sample.guidance_interval; t / T near 1 is noise)."""
-        from ditlab.diffusion.guidance import check_guidance, guided_forward
-
+        sample.guidance_interval; t / T near 1 is noise). `eta` is DDIM's (ddim only)."""
         unknown = [k for k, v in options.items() if v is not None]
         if unknown:
             raise DitlabError(f"Gaussian diffusion sampling does not take option(s) {', '.join(unknown)} (it takes eta, guidance_interval)")
         diffusion = self.spaced(sampler, steps)
+        if eta and sampler != "ddim":
+            raise DitlabError(f"eta={eta} applies to the ddim sampler only, not '{sampler}'")
         check_guidance(model, cfg_scale)
         T = self.options["diffusion_steps"]
         interval = self.guidance_interval if guidance_interval is None else check_interval(guidance_interval)
+        self.last_nfe = 0
 
         def guided(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-            scale = cfg_scale
-            if interval is not None:
-                lo, hi = interval
-                frac = float(t[0]) / T  # t: the original timestep; every row of a sampling batch shares it
-                scale = cfg_scale if lo <= frac <= hi else 1.0
+            self.last_nfe += 1
+            # t: the original timestep; every row of a sampling batch shares it
+            scale = cfg_scale if interval is None else scale_at(cfg_scale, float(t[0]) / T, interval)
             return guided_forward(model, x, t, y, scale)
 
         kw = dict(noise=noise, clip_denoised=clip_denoised, model_kwargs={"y": y}, device=noise.device,

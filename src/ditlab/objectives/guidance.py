@@ -1,4 +1,5 @@
-"""Classifier-free guidance for any model, as one batched forward pass of cond + uncond halves."""
+"""Classifier-free guidance for any model: one batched forward of cond + uncond halves, and the
+guidance interval (guide only at noise levels t in [t_lo, t_hi], t = 1 noise, t = 0 data)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from ditlab.errors import DitlabError
+
+Interval = tuple[float, float]
 
 
 def check_guidance(model: nn.Module, cfg_scale: float) -> None:
@@ -15,6 +18,23 @@ def check_guidance(model: nn.Module, cfg_scale: float) -> None:
     if cfg_scale != 1.0 and table is not None and table.num_embeddings <= model.num_classes:
         raise DitlabError(f"cfg_scale={cfg_scale} needs a null label, but this model was built with "
                           "class_dropout_prob=0 (no null row in its label table)")
+
+
+def check_interval(interval) -> Interval | None:
+    """[t_lo, t_hi] as a checked tuple (None: guide at every step)."""
+    if interval is None:
+        return None
+    if len(interval) != 2 or not (0.0 <= interval[0] <= interval[1] <= 1.0):
+        raise DitlabError(f"sample.guidance_interval must be [t_lo, t_hi] with 0 <= t_lo <= t_hi <= 1, got {list(interval)}")
+    return (float(interval[0]), float(interval[1]))
+
+
+def scale_at(cfg_scale: float, t: float, interval: Interval | None) -> float:
+    """The guidance scale at noise level t in [0, 1]: cfg_scale inside the interval, else 1 (no guidance)."""
+    if interval is None:
+        return cfg_scale
+    lo, hi = interval
+    return cfg_scale if lo <= t <= hi else 1.0
 
 
 def guided_forward(model: nn.Module, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float, **kw) -> Tensor:

@@ -27,17 +27,19 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ditlab.diffusion.flow import check_interval, mean_flat, randn_like
-from ditlab.diffusion.guidance import check_guidance, guided_forward
 from ditlab.errors import DitlabError
+from ditlab.objectives.base import Objective, mean_flat, randn_like
+from ditlab.objectives.guidance import check_guidance, check_interval, guided_forward, scale_at
 
 
 def _expand(v: Tensor, x: Tensor) -> Tensor:
     return v.view(-1, *([1] * (x.dim() - 1)))
 
 
-class ShortcutObjective:
+class ShortcutObjective(Objective):
+    name = "shortcut models"
     samplers = ("shortcut",)
+    default_steps = 4
 
     def __init__(self, fraction: float = 0.25, base_steps: int = 128, guidance_interval=None,
                  num_classes: int = 0, class_dropout_prob: float = 0.0):
@@ -51,19 +53,18 @@ class ShortcutObjective:
         self.guidance_interval = check_interval(guidance_interval)
         self.num_classes = num_classes  # label dropout is done here (see the module docstring)
         self.class_dropout_prob = class_dropout_prob if num_classes > 0 else 0.0
-        self.last_nfe = 0
 
     @classmethod
     def from_config(cls, cfg) -> "ShortcutObjective":
-        o = cfg.objective
-        # The flow-only switches would be silently ignored here: refuse them instead.
-        flow_only = {"prediction": (o.prediction, "velocity"), "cosine_loss_weight": (o.cosine_loss_weight, 0.0),
-                     "data_std_target": (o.data_std_target, None)}
-        bad = [f"objective.{k}={v}" for k, (v, default) in flow_only.items() if v != default]
-        if bad:
-            raise DitlabError(f"{', '.join(bad)} applies to objective.kind flow only, not shortcut")
+        o = cfg.objective  # fields of other kinds are refused by ditlab.config.validate
         return cls(o.shortcut_fraction, o.shortcut_base_steps, cfg.sample.guidance_interval,
                    cfg.model.num_classes, cfg.model.class_dropout_prob)
+
+    def check_sampling(self, sampler: str, steps: int | None) -> None:
+        super().check_sampling(sampler, 1)  # the sampler name; the steps are checked here
+        if not isinstance(steps, int) or not 1 <= steps <= self.base_steps or steps & (steps - 1):
+            raise DitlabError(f"shortcut sampling steps must be a power of two from 1 to {self.base_steps} "
+                              f"(objective.shortcut_base_steps), got {steps}")
 
     def call(self, model: nn.Module, x: Tensor, t: Tensor, y: Tensor, d: Tensor, **kw) -> Tensor:
         """s(x, t, d): the model's average velocity over a step of size d (t, d in [0, 1], shape [B])."""
@@ -134,6 +135,7 @@ class ShortcutObjective:
         sampler: str = "shortcut",
         steps: int = 4,
         cfg_scale: float = 1.0,
+        guidance_interval: tuple[float, float] | list[float] | None = None,
         clip_denoised: bool = True,
         progress: bool = False,
         generator: torch.Generator | None = None,
@@ -142,14 +144,9 @@ class ShortcutObjective:
         """`steps` shortcut steps of size 1/steps from t = 1 (noise) to t = 0; NFE = steps."""
         if options:
             raise DitlabError(f"shortcut sampling got unknown options: {', '.join(sorted(options))}")
-        if sampler not in self.samplers:
-            raise DitlabError(f"unknown sampler '{sampler}' for shortcut models (choose {', '.join(self.samplers)})")
-        if not isinstance(steps, int) or steps < 1 or steps > self.base_steps or steps & (steps - 1):
-            raise DitlabError(
-                f"shortcut sampling steps must be a power of two from 1 to {self.base_steps} (1, 2, 4, ...), got {steps}"
-            )
+        self.check_sampling(sampler, steps)
         check_guidance(model, cfg_scale)
-        lo, hi = self.guidance_interval or (0.0, 1.0)
+        interval = self.guidance_interval if guidance_interval is None else check_interval(guidance_interval)
         b = noise.shape[0]
         d = torch.full((b,), 1.0 / steps, device=noise.device, dtype=noise.dtype)
         x = noise
@@ -162,7 +159,7 @@ class ShortcutObjective:
         with torch.no_grad():
             for i in it:
                 t = 1.0 - i / steps
-                scale = cfg_scale if lo <= t <= hi else 1.0
+                scale = scale_at(cfg_scale, t, interval)
                 tt = torch.full((b,), t, device=noise.device, dtype=noise.dtype)
                 v = guided_forward(model, x, tt * 1000.0, y, scale, dt=d * 1000.0)[:, : x.shape[1]]
                 self.last_nfe += 1

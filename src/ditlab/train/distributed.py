@@ -14,8 +14,11 @@ grad_accum 1 compute the same global gradient (up to float summation order).
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -23,6 +26,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ditlab.errors import DitlabError
+from ditlab.models.loading import load_weights
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -118,3 +124,63 @@ def wrap_fsdp(model: nn.Module, env: DistEnv) -> nn.Module:
         raise DitlabError("train.fsdp needs several processes (launch with torchrun --nproc_per_node N)")
     return FSDP(model, auto_wrap_policy=_fsdp_policy(model),
                 device_id=env.device, use_orig_params=True)
+
+
+def full_state_dicts(model: nn.Module, ema_model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool,
+                     device: torch.device) -> tuple[dict, dict, dict]:
+    """Full model, EMA and optimizer state dicts (collective under FSDP: rank 0 gets them).
+
+    Without FSDP, `model` must be the unwrapped module (its keys carry no "module." prefix).
+    """
+    if not fsdp:
+        return model.state_dict(), ema_model.state_dict(), optimizer.state_dict()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.fsdp")
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    offload = device.type == "cuda"  # CPU offload of CPU tensors crashes (torch 2.13, gloo)
+    full = FullStateDictConfig(offload_to_cpu=offload, rank0_only=True)
+    optim_full = FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=True)
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, full, optim_full):
+        model_sd = model.state_dict()
+        optim_sd = FSDP.optim_state_dict(model, optimizer)
+    with FSDP.state_dict_type(ema_model, StateDictType.FULL_STATE_DICT, full):
+        ema_sd = ema_model.state_dict()
+    return model_sd, ema_sd, optim_sd
+
+
+def load_full_state_dicts(model: nn.Module, ema_model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool,
+                          device: torch.device, model_sd: dict, ema_sd: dict, optim_sd: dict, source: str) -> None:
+    """Load what `full_state_dicts` returned, on every rank; one line if it does not fit."""
+    if fsdp:
+        warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.fsdp")
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        full = FullStateDictConfig(offload_to_cpu=device.type == "cuda", rank0_only=False)
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, full):
+            load_weights(model, model_sd, source=f"{source}/model.safetensors")
+            optim_sd = FSDP.optim_state_dict_to_load(model, optimizer, optim_sd)
+        with FSDP.state_dict_type(ema_model, StateDictType.FULL_STATE_DICT, full):
+            load_weights(ema_model, ema_sd, source=f"{source}/ema.safetensors")
+    else:
+        load_weights(model, model_sd, source=f"{source}/model.safetensors")
+        load_weights(ema_model, ema_sd, source=f"{source}/ema.safetensors")
+    try:
+        optimizer.load_state_dict(optim_sd)
+    except (ValueError, KeyError) as e:
+        raise DitlabError(f"optimizer state in {source} does not fit this model/config: {e}") from None
+
+
+def on_main(fn: Callable[[], T], env: DistEnv) -> T:
+    """Run `fn` on rank 0 only; every rank returns its result, or raises the DitlabError it raised."""
+    result, err = None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except DitlabError as e:
+            err = str(e)
+    result, err = broadcast_object((result, err), env)
+    if err:
+        raise DitlabError(err)
+    return result
