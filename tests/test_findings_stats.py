@@ -1,0 +1,88 @@
+"""The statistics behind a finding's verdict: intervals against closed forms and simulation,
+and the verdict rules on synthetic arms with a known difference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from ditlab.errors import DitlabError
+from ditlab.experiments.stats import arm_stats, binomial_variance, effect, verdict
+
+
+def arms(**values):
+    return {name: arm_stats(v) for name, v in values.items()}
+
+
+def test_welch_interval_matches_the_closed_form():
+    a, b = [0.91, 0.93, 0.90, 0.94], [0.85, 0.88, 0.86]
+    e = effect(arm_stats(a), arm_stats(b), higher_is_better=True)
+    va, vb = np.var(a, ddof=1) / 4, np.var(b, ddof=1) / 3
+    df = (va + vb) ** 2 / (va**2 / 3 + vb**2 / 2)
+    half = stats.t.ppf(0.975, df) * math.sqrt(va + vb)
+    assert e.estimate == pytest.approx(np.mean(a) - np.mean(b))
+    assert (e.low, e.high, e.df) == pytest.approx((e.estimate - half, e.estimate + half, df))
+
+
+def test_lower_is_better_flips_the_sign():
+    fid = effect(arm_stats([2.0, 2.2, 2.1]), arm_stats([5.0, 5.3, 4.9]), higher_is_better=False)
+    assert fid.estimate == pytest.approx(5.0667 - 2.1, abs=1e-3) and fid.low > 0
+
+
+def test_one_seed_uses_the_sampling_error_and_the_normal_quantile():
+    va, vb = binomial_variance(0.9, 1000), binomial_variance(0.8, 1000)
+    e = effect(arm_stats([0.9], [va]), arm_stats([0.8], [vb]), higher_is_better=True)
+    half = stats.norm.ppf(0.975) * math.sqrt(va + vb)
+    assert (e.low, e.high) == pytest.approx((0.1 - half, 0.1 + half))
+    # the sampling error floors a seed spread that happens to be smaller
+    tight = arm_stats([0.9, 0.9 + 1e-6], [0.09 / 100] * 2)
+    assert tight.var_mean == pytest.approx(0.09 / 100 / 2)
+
+
+def test_the_interval_covers_the_truth_95_percent_of_the_time():
+    rng = np.random.default_rng(0)
+    reps, hits = 2000, 0
+    for _ in range(reps):
+        e = effect(arm_stats(rng.normal(0.5, 1.0, 3)), arm_stats(rng.normal(0.0, 1.5, 4)), higher_is_better=True)
+        hits += e.low <= 0.5 <= e.high
+    se = math.sqrt(0.95 * 0.05 / reps)
+    assert abs(hits / reps - 0.95) < 4 * se  # Welch's interval is near-exact for normal data
+
+
+def test_verdicts_on_synthetic_arms():
+    rng = np.random.default_rng(1)
+    better = arms(A=0.90 + 0.01 * rng.standard_normal(5), B=0.80 + 0.01 * rng.standard_normal(5))
+    assert verdict("better", better, ["A", "B"], higher_is_better=True).verdict == "reproduces"
+    assert verdict("better", better, ["B", "A"], higher_is_better=True).verdict == "contradicts"
+    same = arms(A=[0.80, 0.82, 0.81], B=[0.81, 0.80, 0.82])
+    assert verdict("better", same, ["A", "B"], higher_is_better=True).verdict == "inconclusive"
+    assert verdict("equivalent", same, ["A", "B"], higher_is_better=True, margin=0.05).verdict == "reproduces"
+    assert verdict("equivalent", better, ["A", "B"], higher_is_better=True, margin=0.02).verdict == "contradicts"
+    noisy = arms(A=[0.5, 0.9, 0.7], B=[0.6, 0.8, 0.4])
+    assert verdict("equivalent", noisy, ["A", "B"], higher_is_better=True, margin=0.05).verdict == "inconclusive"
+
+
+def test_ordering_needs_every_adjacent_pair():
+    three = arms(A=[0.95, 0.96, 0.94], B=[0.85, 0.86, 0.84], C=[0.70, 0.71, 0.72])
+    assert verdict("ordering", three, ["A", "B", "C"], higher_is_better=True).verdict == "reproduces"
+    assert verdict("ordering", three, ["A", "C", "B"], higher_is_better=True).verdict == "contradicts"
+    tie = arms(A=[0.95, 0.96, 0.94], B=[0.85, 0.86, 0.84], C=[0.84, 0.86, 0.85])
+    v = verdict("ordering", tie, ["A", "B", "C"], higher_is_better=True)
+    assert v.verdict == "inconclusive" and [e.a for e in v.effects] == ["A", "B"]
+
+
+def test_bad_input_is_one_line():
+    with pytest.raises(DitlabError, match="uncertainty of this arm is unknown"):
+        arm_stats([0.5])
+    with pytest.raises(DitlabError, match="finite"):
+        arm_stats([0.5, float("nan")])
+    good = arms(A=[1.0, 2.0], B=[1.0, 2.0])
+    with pytest.raises(DitlabError, match="unknown claim"):
+        verdict("worse", good, ["A", "B"], higher_is_better=True)
+    with pytest.raises(DitlabError, match="without results: C"):
+        verdict("better", good, ["A", "C"], higher_is_better=True)
+    with pytest.raises(DitlabError, match="margin"):
+        verdict("equivalent", good, ["A", "B"], higher_is_better=True)
