@@ -9,8 +9,7 @@ relative errors of every point alike; R^2 is reported in log space, where the fi
 from __future__ import annotations
 
 import csv
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

@@ -23,15 +23,12 @@ the official frequencies; with it, outputs agree to float precision.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ditlab.errors import DitlabError
-from ditlab.models.dit import parse_model_name
 from ditlab.models.layers import sincos_2d
-from ditlab.models.loading import load_state_dict_file
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
