@@ -29,6 +29,7 @@ VARIANTS = {
     "qk_norm": dict(qk_norm=True),
     "layout_3d": dict(token_layout="3d"),
     "layout_3d_rope": dict(token_layout="3d", pos_embed="rope", hidden_size=48),  # head dim 24 = 6k
+    "channels_as_tokens": dict(token_layout="channels_as_tokens"),
     "token_dim": dict(token_dim=8),
     "patch_1": dict(patch_size=1),
     "patch_4": dict(patch_size=4),
@@ -161,16 +162,16 @@ def test_grad_checkpointing_gives_the_same_gradients():
             torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_3d_layout_shapes_and_channel_tokens():
-    model = DiT(**{**TINY, "in_channels": 3, "token_layout": "3d"})
+def test_channels_as_tokens_layout_shapes():
+    model = DiT(**{**TINY, "in_channels": 3, "token_layout": "channels_as_tokens"})
     assert model.x_embedder.num_patches == 3 * 4 * 4 and model.pos_embed.shape == (1, 48, 32)
     assert model.x_embedder.proj.weight.shape == (32, 1, 1, 2, 2)  # one channel per token
     out = model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), torch.tensor([0, 1]))
     assert out.shape == (2, 6, 8, 8)
 
 
-def test_unpatchify_3d_orders_outputs_eps_then_sigma():
-    model = DiT(**{**TINY, "in_channels": 2, "token_layout": "3d"})
+def test_unpatchify_channels_as_tokens_orders_outputs_eps_then_sigma():
+    model = DiT(**{**TINY, "in_channels": 2, "token_layout": "channels_as_tokens"})
     p, h, C, k = 2, 4, 2, 2
     tokens = torch.zeros(1, C * h * h, p * p * k)
     tokens[0, 1 * h * h + 0, 3 * k + 1] = 1.0  # channel 1, token (0,0), pixel (1,1), sigma output
@@ -222,7 +223,7 @@ def test_step_size_conditioning_needs_dt():
     (dict(pos_embed="rope", hidden_size=24, num_heads=4), "needs a head dim divisible by 4"),
     (dict(pos_embed="rope", token_layout="3d"), "needs a head dim divisible by 6"),
     (dict(hidden_size=30, num_heads=4), "hidden_size 30 is not divisible by num_heads 4"),
-    (dict(in_channels=1, token_layout="3d"), "token_layout 3d makes channels a token axis"),
+    (dict(in_channels=1, token_layout="channels_as_tokens"), "token_layout channels_as_tokens makes channels a token axis"),
     (dict(norm="batchnorm"), "unknown norm 'batchnorm'"),
     (dict(class_encoding="clip"), "unknown class_encoding 'clip'"),
     (dict(pos_embed="learned"), "unknown pos_embed 'learned'"),
@@ -237,7 +238,7 @@ def test_incompatible_combinations_raise(kw, message):
 @pytest.mark.parametrize("overrides, message", [
     (["model.patch_size=3"], "patch_size 3 does not divide input_size 28"),
     (["model.pos_embed=rope", "model.hidden_size=36", "model.num_heads=6"], "head dim divisible by 4"),
-    (["model.token_layout=3d"], "needs in_channels > 1"),
+    (["model.token_layout=channels_as_tokens"], "needs in_channels > 1"),
 ])
 def test_incompatible_combinations_through_the_cli(tmp_path, capsys, overrides, message):
     code = main(["train", f"train.out_dir={tmp_path / 'run'}", "train.steps=1", *overrides])

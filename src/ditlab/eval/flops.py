@@ -90,6 +90,6 @@ def measure(cfg) -> dict:
     except Exception:
         if next(model.parameters()).device.type != "meta":
             raise
-            model = build_model(cfg).eval()
+        model = build_model(cfg).eval()
         g = gflops(model)
     return {"name": cfg.model.name, "params": count_params(model), "gflops": g}

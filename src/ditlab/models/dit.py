@@ -1,4 +1,4 @@
-"""DiT (Peebles & Xie 2023): the official model, plus the architecture ablations of issue 7.
+"""DiT (Peebles & Xie 2023): the official model, plus architecture ablations.
 
 With default options `DiT` is the official facebookresearch/DiT model: same constructor
 keywords, same `state_dict` keys and shapes, same initialisation (the same seed gives the same
@@ -7,10 +7,16 @@ prediction channels; the official code guides only the first 3 (they agree for i
 
 Variants, all keyword-only and off by default (no extra parameters or keys when off):
   conditioning    adaln_zero | adaln (modulation not zero-initialised) | cross_attn | in_context
-  class_encoding  embedding (learned table, null row) | onehot (Linear of a one-hot, null = 0)
+  class_encoding  embedding (learned table, null row) | onehot (bias-free Linear of a one-hot, null = 0:
+                  a lookup table by construction, kept as the control) | onehot_mlp (one-hot ->
+                  Linear-SiLU-Linear, null = the zero vector) | onehot_tokens (onehot_mlp, and the
+                  one-hot projected and added to every token) | scalar (the label as a number,
+                  sinusoidal + MLP like t, with a learned null vector)
   pos_embed       sincos (fixed 2-D table) | rope (axial RoPE on q/k, base `rope_base`)
   norm            layernorm | rmsnorm | dyt;  qk_norm (RMSNorm on each head's q and k)
-  token_layout    2d | 3d (channels become a token axis: (1,p,p) patches of [B,1,C,H,W])
+  token_layout    2d | 3d (video-DiT: the image is a T=1 clip [B,C,T,H,W], Conv3d (1,p,p) patches,
+                  3-D sin-cos positions; attention over T*H*W tokens) | channels_as_tokens
+                  ((1,p,p) patches of [B,1,C,H,W]: each channel is a frame of tokens)
   token_dim       patch embedding width, projected to/from hidden_size by Linear layers
   step_size_cond  a second timestep embedder for the shortcut step size `dt` (added to c)
   grad_checkpointing  recompute each block in the backward pass (training only)
@@ -27,24 +33,37 @@ from torch import Tensor, nn
 from ditlab.errors import DitlabError
 from ditlab.models.layers import (
     NORMS,
+    TOKEN_LAYOUTS,
     Attention,
     CrossAttention,
+    LabelDropout,
     LabelEmbedder,
     Mlp,
     OneHotLabelEmbedder,
+    OneHotMlpLabelEmbedder,
+    OneHotTokenLabelEmbedder,
     PatchEmbed,
     RoPE,
+    ScalarLabelEmbedder,
     TimestepEmbedder,
     make_norm,
     modulate,
     sincos_1d,
     sincos_2d,
+    sincos_3d,
 )
 
 CONDITIONINGS = ("adaln_zero", "adaln", "cross_attn", "in_context")
-CLASS_ENCODINGS = ("embedding", "onehot")
+# class_encoding -> label embedder. Every one maps label num_classes to its null input (CFG).
+LABEL_EMBEDDERS: dict[str, type[LabelDropout]] = {
+    "embedding": LabelEmbedder,
+    "onehot": OneHotLabelEmbedder,
+    "onehot_mlp": OneHotMlpLabelEmbedder,
+    "onehot_tokens": OneHotTokenLabelEmbedder,
+    "scalar": ScalarLabelEmbedder,
+}
+CLASS_ENCODINGS = tuple(LABEL_EMBEDDERS)
 POS_EMBEDS = ("sincos", "rope")
-TOKEN_LAYOUTS = ("2d", "3d")
 
 
 class DiTBlock(nn.Module):
@@ -126,17 +145,24 @@ def _check_options(input_size: int, patch_size: int, in_channels: int, hidden_si
         raise DitlabError(f"patch_size {patch_size} does not divide input_size {input_size}")
     if hidden_size % num_heads:
         raise DitlabError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
-    if token_layout == "3d" and in_channels < 2:
-        raise DitlabError(f"token_layout 3d makes channels a token axis and needs in_channels > 1 (got {in_channels})")
+    if token_layout == "channels_as_tokens" and in_channels < 2:
+        raise DitlabError(f"token_layout channels_as_tokens makes channels a token axis and needs in_channels > 1 "
+                          f"(got {in_channels}; token_layout 3d works for any in_channels)")
+    if num_classes == 0 and class_encoding not in ("embedding", "onehot"):
+        raise DitlabError(f"class_encoding {class_encoding} needs num_classes > 0 "
+                          "(an unconditional model has no labels to encode: use embedding)")
     if token_dim is not None and token_dim < 1:
         raise DitlabError(f"token_dim must be >= 1 (got {token_dim})")
-    n_axes = 3 if token_layout == "3d" else 2
+    n_axes = 2 if token_layout == "2d" else 3
     head_dim = hidden_size // num_heads
     if pos_embed == "rope" and head_dim % (2 * n_axes):
         raise DitlabError(f"pos_embed rope with a {token_layout} token grid needs a head dim divisible by "
                           f"{2 * n_axes}; hidden_size {hidden_size} / num_heads {num_heads} = {head_dim}")
     if pos_embed == "sincos" and hidden_size % 4:
         raise DitlabError(f"pos_embed sincos needs hidden_size divisible by 4 (got {hidden_size})")
+    if pos_embed == "sincos" and token_layout == "3d" and hidden_size % 16:
+        raise DitlabError(f"pos_embed sincos with token_layout 3d needs hidden_size divisible by 16 "
+                          f"(dim/4 for the frame, 3*dim/8 per spatial axis; got {hidden_size})")
 
 
 class DiT(nn.Module):
@@ -178,6 +204,7 @@ class DiT(nn.Module):
         self.num_heads = num_heads
         self.num_classes = num_classes
         self.conditioning = conditioning
+        self.class_encoding = class_encoding
         self.pos_embed_kind = pos_embed
         self.token_layout = token_layout
         self.step_size_cond = step_size_cond
@@ -187,8 +214,7 @@ class DiT(nn.Module):
         # Module registration order follows the official code, so a seed gives the same init.
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, token_dim or hidden_size, token_layout)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        label_cls = OneHotLabelEmbedder if class_encoding == "onehot" else LabelEmbedder
-        self.y_embedder = label_cls(num_classes, hidden_size, class_dropout_prob)
+        self.y_embedder = LABEL_EMBEDDERS[class_encoding](num_classes, hidden_size, class_dropout_prob)
         num_patches = self.x_embedder.num_patches
         if pos_embed == "sincos":  # fixed, not trained (but saved, as in the official checkpoints)
             self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
@@ -196,8 +222,8 @@ class DiT(nn.Module):
             DiTBlock(hidden_size, num_heads, mlp_ratio, conditioning=conditioning, norm=norm, qk_norm=qk_norm)
             for _ in range(depth)
         ])
-        # In 3-D layout each token carries one input channel, so it predicts that channel's outputs.
-        per_token_channels = self.out_channels // in_channels if token_layout == "3d" else self.out_channels
+        # With channels as tokens each token carries one input channel, so it predicts that channel's outputs.
+        per_token_channels = self.out_channels // in_channels if token_layout == "channels_as_tokens" else self.out_channels
         self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * per_token_channels,
                                       adaptive=adaptive, norm=norm, token_dim=token_dim)
         if token_dim:
@@ -226,11 +252,8 @@ class DiT(nn.Module):
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
         nn.init.constant_(self.x_embedder.proj.bias, 0)
-        if isinstance(self.y_embedder, OneHotLabelEmbedder):
-            if self.y_embedder.linear is not None:
-                nn.init.normal_(self.y_embedder.linear.weight, std=0.02)
-        else:
-            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        # Label table N(0, 0.02) as official; the one-hot/scalar encoders init their Linears like t's MLP.
+        self.y_embedder.init_weights()
         embedders = [self.t_embedder] + ([self.d_embedder] if self.step_size_cond else [])
         for emb in embedders:
             nn.init.normal_(emb.mlp[0].weight, std=0.02)
@@ -247,20 +270,28 @@ class DiT(nn.Module):
         nn.init.constant_(self.final_layer.output.bias, 0)
 
     def sincos_table(self) -> Tensor:
-        """The fixed position table [num_patches, hidden]: 2-D sin-cos (+ 1-D sin-cos of the channel in 3-D)."""
+        """The fixed position table [num_patches, hidden].
+
+        2d: the official 2-D sin-cos. 3d: frame | row, col sin-cos in dims D/4 | 3D/4 (MAE-ST).
+        channels_as_tokens: the 2-D table plus a full-width 1-D sin-cos of the channel index.
+        """
         dim = self.hidden_size
         grid = self.x_embedder.grid
-        table = sincos_2d(dim, grid[-1])
         if self.token_layout == "3d":
+            return sincos_3d(dim, grid[0], grid[-1])
+        table = sincos_2d(dim, grid[-1])
+        if self.token_layout == "channels_as_tokens":
             channel = sincos_1d(dim, torch.arange(grid[0])).float()
             table = (channel[:, None, :] + table[None]).reshape(-1, dim)
         return table
 
     def unpatchify(self, x: Tensor) -> Tensor:
-        """[B, N, p*p*c] tokens -> [B, out_channels, H, W] (3-D layout: tokens ordered channel, row, col)."""
+        """[B, N, p*p*c] tokens -> [B, out_channels, H, W].
+
+        3d with T=1 has the 2-D token order (frame, row, col); channels_as_tokens: channel, row, col."""
         p = self.patch_size
         h = w = self.input_size // p
-        if self.token_layout == "3d":
+        if self.token_layout == "channels_as_tokens":
             C = self.in_channels
             k = self.out_channels // C  # outputs per input channel (eps, and the sigma value)
             x = x.reshape(x.shape[0], C, h, w, p, p, k).permute(0, 6, 1, 2, 4, 3, 5)
@@ -280,7 +311,14 @@ class DiT(nn.Module):
             x = self.token_in(x)
         if self.pos_embed_kind == "sincos":
             x = x + self.pos_embed
-        cond = [self.t_embedder(t), self.y_embedder(y, self.training, force_drop_ids)]
+        if self.class_encoding == "onehot_tokens":
+            # Drop labels once, so the tokens and c see the same (possibly null) label.
+            y = self.y_embedder.drop(y, self.training, force_drop_ids)
+            x = x + self.y_embedder.token_bias(y).unsqueeze(1)  # the label added to every token
+            y_emb = self.y_embedder(y, False)
+        else:
+            y_emb = self.y_embedder(y, self.training, force_drop_ids)
+        cond = [self.t_embedder(t), y_emb]
         if self.step_size_cond:
             if dt is None:
                 raise DitlabError("this model conditions on the step size: call it with dt=")

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ditlab.errors import DitlabError
+
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN: x * (1 + scale) + shift, per sample, broadcast over tokens."""
@@ -48,20 +50,22 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
 
 
-class LabelEmbedder(nn.Module):
-    """Official class encoding: a learned table; row `num_classes` is the null label for CFG.
+class LabelDropout(nn.Module):
+    """Label dropout for classifier-free guidance, shared by every class encoding.
 
-    During training a label is replaced by the null label with probability `dropout_prob`.
+    Label index `num_classes` is the null ("no label") input. While training, a label becomes
+    the null with probability `dropout_prob`; `force_drop_ids` (1 = drop) replaces that draw.
+    `has_null`: the null input was trained, so guidance (cond vs. null) means something.
     """
 
-    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+    def __init__(self, num_classes: int, dropout_prob: float):
         super().__init__()
-        # The official table has a null row only when label dropout is on; an unconditional
-        # model (num_classes=0) still needs one row, which then acts as a learned bias.
-        use_null = dropout_prob > 0 or num_classes == 0
-        self.embedding_table = nn.Embedding(num_classes + use_null, hidden_size)
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
+
+    @property
+    def has_null(self) -> bool:
+        return self.dropout_prob > 0
 
     def token_drop(self, labels: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
         if force_drop_ids is None:
@@ -70,36 +74,156 @@ class LabelEmbedder(nn.Module):
             drop = force_drop_ids == 1
         return torch.where(drop, self.num_classes, labels)
 
-    def forward(self, labels: Tensor, train: bool, force_drop_ids: Tensor | None = None) -> Tensor:
-        if self.num_classes == 0:  # unconditional: whatever labels come in (e.g. -1), use the null row
-            labels = torch.zeros_like(labels)
-        elif (train and self.dropout_prob > 0) or force_drop_ids is not None:
-            labels = self.token_drop(labels, force_drop_ids)
-        return self.embedding_table(labels)
+    def drop(self, labels: Tensor, train: bool, force_drop_ids: Tensor | None = None) -> Tensor:
+        """The labels after dropout: random while training, forced where force_drop_ids is given."""
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            return self.token_drop(labels, force_drop_ids)
+        return labels
+
+    def init_weights(self) -> None:
+        """Each encoder's own init, run by DiT.initialize_weights after its xavier pass over every Linear."""
+        raise NotImplementedError
+
+    def one_hot(self, labels: Tensor, dtype: torch.dtype) -> Tensor:
+        """[B, num_classes] one-hot vectors; the null label (index num_classes) is the all-zero vector."""
+        return F.one_hot(labels, self.num_classes + 1)[:, : self.num_classes].to(dtype)
 
 
-class OneHotLabelEmbedder(LabelEmbedder):
-    """Class encoding as a one-hot vector through a bias-free Linear; the null label is the zero vector.
+class LabelEmbedder(LabelDropout):
+    """Official class encoding: a learned table; row `num_classes` is the null label for CFG.
 
-    Equal to an embedding lookup in `linear.weight.T` with a fixed all-zero null row: the null
-    (unconditional) embedding is exactly 0 instead of a learned vector.
+    During training a label is replaced by the null label with probability `dropout_prob`.
     """
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
-        nn.Module.__init__(self)
+        super().__init__(num_classes, dropout_prob)
+        # The official table has a null row only when label dropout is on; an unconditional
+        # model (num_classes=0) still needs one row, which then acts as a learned bias.
+        use_null = dropout_prob > 0 or num_classes == 0
+        self.embedding_table = nn.Embedding(num_classes + use_null, hidden_size)
+
+    @property
+    def has_null(self) -> bool:
+        return self.embedding_table.num_embeddings > self.num_classes
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.embedding_table.weight, std=0.02)
+
+    def forward(self, labels: Tensor, train: bool, force_drop_ids: Tensor | None = None) -> Tensor:
+        if self.num_classes == 0:  # unconditional: whatever labels come in (e.g. -1), use the null row
+            labels = torch.zeros_like(labels)
+        else:
+            labels = self.drop(labels, train, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+class OneHotLabelEmbedder(LabelDropout):
+    """class_encoding "onehot": a one-hot vector through a bias-free Linear; the null label is the zero vector.
+
+    Equal to an embedding lookup in `linear.weight.T` with a fixed all-zero null row: the null
+    (unconditional) embedding is exactly 0 instead of a learned vector. Kept as the control
+    ("one-hot is a lookup table"), and so that runs saved with this name load unchanged.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__(num_classes, dropout_prob)
         self.linear = nn.Linear(num_classes, hidden_size, bias=False) if num_classes > 0 else None
         self.hidden_size = hidden_size
-        self.num_classes = num_classes
-        self.dropout_prob = dropout_prob
+
+    def init_weights(self) -> None:
+        if self.linear is not None:
+            nn.init.normal_(self.linear.weight, std=0.02)
 
     def forward(self, labels: Tensor, train: bool, force_drop_ids: Tensor | None = None) -> Tensor:
         if self.linear is None:  # unconditional: the null class everywhere, labels ignored
             return torch.zeros(labels.shape[0], self.hidden_size, device=labels.device)
-        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
-            labels = self.token_drop(labels, force_drop_ids)
-        # one_hot over num_classes+1 then drop the last column: the null label becomes all zeros.
-        onehot = F.one_hot(labels, self.num_classes + 1)[:, : self.num_classes]
-        return self.linear(onehot.to(self.linear.weight.dtype))
+        labels = self.drop(labels, train, force_drop_ids)
+        return self.linear(self.one_hot(labels, self.linear.weight.dtype))
+
+
+class OneHotMlpLabelEmbedder(LabelDropout):
+    """class_encoding "onehot_mlp": one-hot vector -> Linear -> SiLU -> Linear, as the timestep MLP.
+
+    The null label is the all-zero one-hot vector, so its embedding mlp(0) = W2 SiLU(b1) + b2 is
+    learned through the biases alone (0 at init, while every class starts away from 0).
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__(num_classes, dropout_prob)
+        self.mlp = nn.Sequential(
+            nn.Linear(num_classes, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.mlp[2].weight, std=0.02)
+
+    def forward(self, labels: Tensor, train: bool, force_drop_ids: Tensor | None = None) -> Tensor:
+        labels = self.drop(labels, train, force_drop_ids)
+        return self.mlp(self.one_hot(labels, self.mlp[0].weight.dtype))
+
+
+class OneHotTokenLabelEmbedder(OneHotMlpLabelEmbedder):
+    """class_encoding "onehot_tokens": "onehot_mlp" for c, and the one-hot vector added to every token.
+
+    `token_bias` projects the one-hot vector (bias-free, so the null label adds nothing) to the
+    token width; the model adds it to every patch embedding, so the label reaches attention
+    directly, not only through the adaLN modulation. Drop labels once (`drop`) and pass the
+    result to both paths so they see the same label.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__(num_classes, hidden_size, dropout_prob)
+        self.to_tokens = nn.Linear(num_classes, hidden_size, bias=False)
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        nn.init.normal_(self.to_tokens.weight, std=0.02)
+
+    def token_bias(self, labels: Tensor) -> Tensor:
+        """[B, hidden] per-sample vector to add to every token; labels already dropped."""
+        return self.to_tokens(self.one_hot(labels, self.to_tokens.weight.dtype))
+
+
+class ScalarLabelEmbedder(LabelDropout):
+    """class_encoding "scalar": the label as a number, through sinusoidal features and an MLP (as timesteps).
+
+    Nearby labels get nearby features, so the encoding assumes an order the classes may not
+    have. The null label gets a dedicated learned vector `null_embedding` (present only with
+    label dropout, like the official null row): as a number, index num_classes would just be
+    one more class next to the last one.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float, frequency_embedding_size: int = 256):
+        super().__init__(num_classes, dropout_prob)
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+        if dropout_prob > 0:
+            self.null_embedding = nn.Parameter(torch.zeros(hidden_size))
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.mlp[2].weight, std=0.02)
+        if self.has_null:
+            nn.init.normal_(self.null_embedding, std=0.02)
+
+    def forward(self, labels: Tensor, train: bool, force_drop_ids: Tensor | None = None) -> Tensor:
+        labels = self.drop(labels, train, force_drop_ids)
+        emb = self.mlp(TimestepEmbedder.timestep_embedding(labels, self.frequency_embedding_size).to(self.mlp[0].weight.dtype))
+        is_null = labels == self.num_classes
+        if self.has_null:
+            return torch.where(is_null[:, None], self.null_embedding.to(emb.dtype), emb)
+        # No null vector: refuse, rather than read the null index as one more class (checked
+        # only in this configuration, as it syncs; meta tensors have no values to check).
+        if labels.device.type != "meta" and bool(is_null.any()):
+            raise DitlabError("null label given to a scalar class encoding built with class_dropout_prob=0")
+        return emb
 
 
 # --------------------------------------------------------------------------- norms
@@ -150,6 +274,17 @@ def sincos_2d(dim: int, grid_size: int) -> Tensor:
     return torch.cat([sincos_1d(dim // 2, col), sincos_1d(dim // 2, row)], dim=1).float()
 
 
+def sincos_3d(dim: int, frames: int, grid_size: int) -> Tensor:
+    """3-D sin-cos table [frames * grid_size**2, dim], frame-major, as MAE-ST / Latte split it:
+    the first dim/4 encode the frame index (1-D), the other 3*dim/4 the (row, col) position as
+    `sincos_2d` does. Needs dim divisible by 16 (every sin/cos half even)."""
+    temporal = sincos_1d(dim // 4, torch.arange(frames)).float()  # [T, dim/4]
+    spatial = sincos_2d(dim // 4 * 3, grid_size)  # [h*w, 3*dim/4]
+    n = spatial.shape[0]
+    table = torch.cat([temporal[:, None].expand(frames, n, -1), spatial[None].expand(frames, n, -1)], dim=-1)
+    return table.reshape(frames * n, dim)
+
+
 def grid_positions(shape: tuple[int, ...]) -> Tensor:
     """Integer coordinates [prod(shape), len(shape)] of a row-major token grid."""
     axes = [torch.arange(n) for n in shape]
@@ -189,11 +324,17 @@ class RoPE(nn.Module):
 # --------------------------------------------------------------------------- tokens
 
 
+TOKEN_LAYOUTS = ("2d", "3d", "channels_as_tokens")
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping patches -> tokens (timm's PatchEmbed for the 2-D layout: key `proj`).
 
-    layout "3d": the image [B,C,H,W] is viewed as a 1-channel volume [B,1,C,H,W] and cut into
-    (1,p,p) patches, so every input channel becomes its own row of tokens (C*(H/p)*(W/p) tokens).
+    layout "3d": video-DiT style. The image [B,C,H,W] is a clip of T=1 frame, [B,C,T,H,W]; a
+    Conv3d cuts (1,p,p) patches over all C channels, giving T*(H/p)*(W/p) tokens (as many as 2-D
+    for T=1), ordered frame, row, col. Works for any C.
+    layout "channels_as_tokens": the image is viewed as a 1-channel volume [B,1,C,H,W] and cut
+    into (1,p,p) patches, so every input channel becomes its own frame of tokens (C*(H/p)*(W/p)).
     """
 
     def __init__(self, input_size: int, patch_size: int, in_channels: int, embed_dim: int, layout: str = "2d"):
@@ -201,17 +342,23 @@ class PatchEmbed(nn.Module):
         self.layout = layout
         self.patch_size = (patch_size, patch_size)
         side = input_size // patch_size
+        kernel = (1, patch_size, patch_size)
         if layout == "2d":
             self.grid = (side, side)
             self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
+        elif layout == "3d":
+            self.grid = (1, side, side)  # a still image is a one-frame clip
+            self.proj = nn.Conv3d(in_channels, embed_dim, kernel_size=kernel, stride=kernel, bias=True)
         else:
             self.grid = (in_channels, side, side)
-            self.proj = nn.Conv3d(1, embed_dim, kernel_size=(1, patch_size, patch_size), stride=(1, patch_size, patch_size), bias=True)
+            self.proj = nn.Conv3d(1, embed_dim, kernel_size=kernel, stride=kernel, bias=True)
         self.num_patches = math.prod(self.grid)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.layout == "3d":
-            x = x.unsqueeze(1)
+            x = x.unsqueeze(2)  # [B, C, T=1, H, W]
+        elif self.layout == "channels_as_tokens":
+            x = x.unsqueeze(1)  # [B, 1, C, H, W]
         return self.proj(x).flatten(2).transpose(1, 2)  # [B, N, D]
 
 

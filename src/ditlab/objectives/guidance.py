@@ -14,10 +14,14 @@ Interval = tuple[float, float]
 def check_guidance(model: nn.Module, cfg_scale: float) -> None:
     if cfg_scale != 1.0 and getattr(model, "num_classes", 0) == 0:
         raise DitlabError(f"cfg_scale={cfg_scale} needs a class-conditional model; this one has num_classes=0")
-    table = getattr(getattr(model, "y_embedder", None), "embedding_table", None)
-    if cfg_scale != 1.0 and table is not None and table.num_embeddings <= model.num_classes:
+    # Every ditlab label encoder says whether its null input was trained (label dropout on);
+    # an official-style table without it has no null row.
+    embedder = getattr(model, "y_embedder", None)
+    table = getattr(embedder, "embedding_table", None)
+    has_null = getattr(embedder, "has_null", table is None or table.num_embeddings > model.num_classes)
+    if cfg_scale != 1.0 and not has_null:
         raise DitlabError(f"cfg_scale={cfg_scale} needs a null label, but this model was built with "
-                          "class_dropout_prob=0 (no null row in its label table)")
+                          "class_dropout_prob=0 (it never learned the unconditional input)")
 
 
 def check_interval(interval) -> Interval | None:
