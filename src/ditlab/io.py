@@ -31,8 +31,36 @@ def write_atomic(path: str | Path, data: bytes) -> None:
     """Write `path` whole or not at all: fsync'ed bytes under PATH.tmp, then an atomic rename."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    write_bytes_synced(tmp, data)
-    os.replace(tmp, path)
+    try:
+        write_bytes_synced(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or a kill must not leave PATH.tmp behind
+        raise
+
+
+def check_writable(path: str | Path) -> Path:
+    """Fail now, in one line, when `path` could not be written later: before minutes of work
+    whose result would then be lost. Creates nothing (the folders come when the file is written)."""
+    path = Path(path)
+    if path.is_dir():
+        raise DitlabError(f"cannot write {path}: it is a folder")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # the nearest folder that exists: the others would be created in it
+    if not parent.is_dir():
+        raise DitlabError(f"cannot write {path}: {parent} is a file, not a folder")
+    if not os.access(path if path.exists() else parent, os.W_OK) or not os.access(parent, os.X_OK):
+        raise DitlabError(f"cannot write {path}: permission denied")
+    return path
+
+
+def save_text(path: str | Path, text: str) -> Path:
+    """Write a text file (e.g. JSON results) whole or not at all, creating its folder; one-line errors."""
+    path = Path(path)
+    with _writing(path):
+        write_atomic(path, text.encode())
+    return path
 
 
 def fsync_dir(path: Path) -> None:
@@ -75,12 +103,26 @@ def make_grid(images: np.ndarray, nrow: int, pad: int = 2, pad_value: int = 255)
 
 @contextmanager
 def _writing(path: Path) -> Iterator[None]:
-    """Create `path`'s folder; an OS error while writing (read-only folder, full disk, ...) is one line."""
+    """Create `path`'s folder; an OS error while writing (read-only folder, full disk, ...) is one line.
+
+    On any failure the folders created for it are removed again (when still empty).
+    """
+    created = [d for d in path.parents if not d.exists()]  # innermost first
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        yield
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            yield
+        except BaseException:
+            for d in created:
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+            raise
     except FileExistsError as e:  # mkdir: a folder on the way is a regular file
         raise DitlabError(f"cannot write {path}: {e.filename} is a file, not a folder") from None
+    except NotADirectoryError:
+        raise DitlabError(f"cannot write {path}: a folder on the way is a file") from None
     except OSError as e:
         raise DitlabError(f"cannot write {path}: {e.strerror or e}") from None
 
@@ -125,8 +167,19 @@ def save_npz(path: str | Path, images: np.ndarray, labels: np.ndarray | list) ->
     if labels.shape != (len(images),):
         raise DitlabError(f"save_npz: {len(images)} images but labels of shape {labels.shape}")
     path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
     with _writing(path):
-        np.savez(path, arr_0=images, labels=labels)
+        try:
+            # Through a file object: np.savez would append ".npz" to a name without it, and the
+            # caller would then report a file that does not exist. Whole or not at all, as write_atomic.
+            with open(tmp, "wb") as f:
+                np.savez(f, arr_0=images, labels=labels)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return path
 
 

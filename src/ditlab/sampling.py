@@ -1,7 +1,9 @@
-"""`generate`: class-conditional samples of a `Run`, the one sampling entry point.
+"""`generate`: class-conditional samples of a `Run`, the one sampling entry point for images;
+`generate_text`: the continuation of a prompt by a byte language model run.
 
 `ditlab sample`, `ditlab eval --ckpt`, the trainer's sample grids, quickstart and the experiments
-all call it, so the sampler, its step count, guidance, DDIM's eta and clipping are worked out
+all call it (and `ditlab lm generate`, the trainer's text samples and `ditlab.eval.lm` call
+`generate_text` / `generate_bytes`), so the sampler, its step count, guidance, DDIM's eta and clipping are worked out
 in one place: every argument left as None takes the run's `sample` section, and a sampler or
 step count left unset there takes the objective's own default.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 
 from ditlab.errors import DitlabError
 from ditlab.io import to_uint8
@@ -92,3 +95,55 @@ def generate(
         model.train(was_training)
     images = np.concatenate(chunks) if chunks else np.zeros((0, 0, 0, 0), dtype=np.uint8)
     return images, labels
+
+
+def generate_bytes(model: nn.Module, prompt_bytes: bytes, max_new: int, temperature: float = 1.0,
+                   top_k: int | None = None, generator: torch.Generator | None = None, memory: bool = True) -> bytes:
+    """Sample max_new bytes after the prompt from a byte LM (`model(x) -> logits`); returns only the new bytes.
+
+    temperature 0 is greedy decoding. Sampling runs on the CPU with `generator` (a CPU
+    torch.Generator), so a seed gives the same text on any device up to the logits' rounding.
+    A model with a finite `max_context` (vanilla) sees the last max_context bytes; an Infini model
+    re-reads the whole text each step (no caching: simple, quadratic in the length).
+    """
+    if not prompt_bytes:
+        raise DitlabError("generate needs a non-empty prompt")
+    if temperature < 0 or (top_k is not None and top_k < 1) or max_new < 0:
+        raise DitlabError(f"need temperature >= 0, top_k >= 1 and max_new >= 0 (got {temperature}, {top_k}, {max_new})")
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    idx = torch.tensor(list(prompt_bytes), dtype=torch.int64, device=device)[None]
+    context = getattr(model, "max_context", None)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for _ in range(max_new):
+                x = idx if context is None else idx[:, -context:]
+                logits = (model(x) if memory else model(x, memory=False))[0, -1].cpu()
+                logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits sampled in float32
+                if temperature == 0:
+                    nxt = logits.argmax()
+                else:
+                    logits = logits / temperature
+                    if top_k is not None and top_k < logits.numel():
+                        logits[logits < torch.topk(logits, top_k).values[-1]] = -float("inf")
+                    nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[0]
+                idx = torch.cat([idx, nxt.view(1, 1).to(device)], dim=1)
+    finally:
+        model.train(was_training)
+    return bytes(idx[0, len(prompt_bytes):].tolist())
+
+
+def generate_text(run: Run, prompt: bytes, *, max_new: int | None = None, temperature: float | None = None,
+                  top_k: int | None = None, seed: int | None = None) -> bytes:
+    """The bytes a byte-LM run writes after `prompt`; arguments left None take the run's `sample`
+    section (max_new_bytes, temperature, top_k, seed). A top_k of 0 means all bytes."""
+    s = run.cfg.sample
+    if not run.is_language_model:
+        raise DitlabError(f"{run.weights or 'this run'} is an image model ({run.cfg.model.name}); "
+                          "sample it with `ditlab sample`")
+    top_k = s.top_k if top_k is None else (top_k or None)
+    generator = torch.Generator().manual_seed(int(s.seed if seed is None else seed))
+    return generate_bytes(run.model, prompt, s.max_new_bytes if max_new is None else max_new,
+                          s.temperature if temperature is None else temperature, top_k, generator)

@@ -74,8 +74,18 @@ def run(args: argparse.Namespace) -> int:
             raise DitlabError(f"{src} is already a diffusers model")
         if args.num_heads is None and args.model is None:
             raise DitlabError("--to diffusers needs --model (e.g. DiT-XL/2) or --num-heads: heads are not stored in the weights")
-        heads = args.num_heads or parse_model_name(args.model)[2]
+        if args.num_heads is not None and args.num_heads < 1:
+            raise DitlabError(f"--num-heads must be >= 1, got {args.num_heads}")
         state = load_state_dict_file(_resolve_weights(src), prefer_ema=not args.no_ema)
+        heads = args.num_heads
+        if heads is None:
+            # The name gives the head count only for weights of that size: DiT-XL/2's 16 heads on a
+            # hidden-64 model would write a config that the weights contradict.
+            _, hidden, heads, _ = parse_model_name(args.model)
+            embed = state.get("x_embedder.proj.weight")
+            if embed is not None and embed.shape[0] != hidden:
+                raise DitlabError(f"--model {args.model} has hidden size {hidden}, but these weights have "
+                                  f"{embed.shape[0]}: name the model they were trained as, or give --num-heads")
         converted, config = ditlab_to_diffusers(state, num_heads=heads, num_classes=args.num_classes)
         if args.input_size is not None and args.input_size != config["sample_size"]:
             raise DitlabError(f"--input-size {args.input_size} does not match the weights' position table "

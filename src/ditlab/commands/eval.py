@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
+import sys
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from ditlab.errors import DitlabError
 from ditlab.eval import metrics as M
 from ditlab.eval.fid import read_reference, save_stats
 from ditlab.eval.inception import load_inception
-from ditlab.io import save_grid, save_npz
+from ditlab.io import check_writable, save_grid, save_npz, save_text
 from ditlab.runs import load_run, resolve_device
 from ditlab.sampling import generate
 
@@ -107,6 +107,13 @@ def format_table(result: dict[str, float], floor: dict[str, float]) -> str:
 def run(args) -> int:
     dataset = args.dataset
     inception = ref = None
+    for out in (args.out, args.grid, args.save_ref, args.save_samples):
+        if out:
+            check_writable(out)  # a result that cannot be written must fail before the metrics are computed
+    if args.cfg_scale is not None and not math.isfinite(args.cfg_scale):
+        raise DitlabError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
+    progress = not args.no_progress and sys.stderr.isatty()  # a bar per batch is noise in a log file
+    args.no_progress = not progress
     explicit = parse_metrics(args.metrics, dataset) if args.metrics else []
     if any(m in M.INCEPTION_METRICS for m in explicit) or args.save_ref:
         # Weights and reference first: a missing file should fail before minutes of sampling.
@@ -125,7 +132,8 @@ def run(args) -> int:
     metrics = [] if only_ref else parse_metrics(args.metrics, dataset)
     if any(m in M.CLASSIFIER_METRICS for m in metrics) and dataset is None:
         raise DitlabError("classifier metrics need --dataset mnist or fashion-mnist")
-    progress = not args.no_progress
+    if any(m in M.CLASSIFIER_METRICS for m in metrics):
+        M.check_labels(labels, M.EVALUATOR_CLASSES)  # before any metric is computed
 
     result: dict[str, float] = {}
     floor: dict[str, float] = {}
@@ -156,7 +164,6 @@ def run(args) -> int:
         out = {"source": source, "num_samples": int(len(images)), "dataset": dataset,
                "metrics": {k: (int(v) if isinstance(v, (int, np.integer)) else float(v)) for k, v in result.items()},
                "floor": floor}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=2))
+        save_text(args.out, json.dumps(out, indent=2))
         print(f"wrote {args.out}")
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from ditlab.config import load_config, split_config_args
 from ditlab.train.latents import extract_latents
@@ -28,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     config, overrides = split_config_args(args.config, list(args.overrides))
     cfg = load_config(config, overrides)
     index = extract_latents(cfg, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
-                            flip=args.flip, device=args.device, dtype=args.dtype, progress=not args.no_progress)
+                            flip=args.flip, device=args.device, dtype=args.dtype,
+                            progress=not args.no_progress and sys.stderr.isatty())  # no bar lines in logs
     info = json.loads(index.read_text())
     print(f"wrote {info['num_samples']} latents of shape {info['latent_shape']} in {len(info['shards'])} shard(s) to {index.parent}")
     return 0

@@ -6,7 +6,9 @@ import argparse
 import json
 
 from ditlab.config import load_config
+from ditlab.errors import DitlabError
 from ditlab.eval.flops import measure
+from ditlab.io import check_writable, save_text
 from ditlab.models import DiT_models
 
 
@@ -23,10 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.json:
+        check_writable(args.json)  # before counting: DiT-XL/2 on the CPU fallback takes a while
     overrides = list(args.set)
     if args.config is None:  # the paper's setting: 256x256 ImageNet through the SD VAE (32x32x4)
         overrides = ["model.input_size=32", "model.in_channels=4", "model.num_classes=1000"] + overrides
     if args.image_size is not None:
+        if args.image_size < 8 or args.image_size % 8:  # 100 // 8 = 12 would count a 96-pixel model
+            raise DitlabError(f"--image-size must be a positive multiple of 8 (the SD-VAE downsamples by 8), "
+                              f"got {args.image_size}; give the model side with --input-size instead")
         overrides.append(f"model.input_size={args.image_size // 8}")
     if args.input_size is not None:
         overrides.append(f"model.input_size={args.input_size}")
@@ -47,6 +54,5 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['name']:<12} {r['params'] / 1e6:>11.2f} {r['gflops']:>9.2f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        save_text(args.json, json.dumps(rows, indent=2))
     return 0

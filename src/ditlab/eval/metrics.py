@@ -17,6 +17,7 @@ from ditlab.eval.classifier import classifier_outputs, default_data_dir, load_cl
 from ditlab.io import read_npz
 
 INCEPTION_METRICS = ("fid", "sfid", "is", "pr")
+EVALUATOR_CLASSES = 10  # the MNIST and Fashion-MNIST evaluator CNNs
 CLASSIFIER_METRICS = ("class_acc", "cls_fid", "cls_pr", "counts")
 ALL_METRICS = INCEPTION_METRICS + CLASSIFIER_METRICS
 
@@ -25,7 +26,9 @@ def as_uint8_images(images: np.ndarray, what: str = "images") -> np.ndarray:
     """Validate images and return uint8 [N, H, W, C] (C = 1 or 3).
 
     uint8 passes through; float images must be finite and lie in [-1, 1] (ditlab's pixel
-    range) and are mapped as DiT's sample_ddp.py does (clamp(127.5 x + 128)).
+    range) and are mapped as DiT's sample_ddp.py does (clamp(127.5 x + 128)). Float images with
+    no negative value are refused: they are almost surely in [0, 1] (PIL/torchvision's range),
+    and reading them as [-1, 1] would score washed-out grey images without a word.
     """
     x = np.asarray(images)
     if x.ndim == 3:
@@ -43,6 +46,9 @@ def as_uint8_images(images: np.ndarray, what: str = "images") -> np.ndarray:
     lo, hi = float(x.min()), float(x.max())
     if lo < -1.001 or hi > 1.001:
         raise DitlabError(f"float {what} must lie in [-1, 1], got range [{lo:.3g}, {hi:.3g}]")
+    if lo >= 0:
+        raise DitlabError(f"float {what} lie in [{lo:.3g}, {hi:.3g}], which looks like [0, 1]; ditlab reads float "
+                          "images as [-1, 1]: save them as uint8 (x * 255) or map them with 2x - 1")
     return np.clip(127.5 * x + 128, 0, 255).astype(np.uint8)
 
 
@@ -53,10 +59,28 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     images, labels = read_npz(path)
     images = as_uint8_images(images, f"{path.name} arr_0")
     if labels is not None:
-        labels = np.asarray(labels).astype(np.int64).reshape(-1)
+        labels = np.asarray(labels)
+        whole = np.issubdtype(labels.dtype, np.integer) or (
+            np.issubdtype(labels.dtype, np.floating) and bool(np.all(np.isfinite(labels) & (labels == np.round(labels)))))
+        if not whole:  # casting 2.7 to 2 would score the samples against classes nobody asked for
+            raise DitlabError(f"{path}: labels must be whole class indices (-1 = none), got {labels.dtype} values "
+                              f"such as {labels.reshape(-1)[0]!r}")
+        labels = labels.astype(np.int64).reshape(-1)
         if len(labels) != len(images):
             raise DitlabError(f"{path}: {len(images)} images but {len(labels)} labels")
+        if len(labels) and labels.min() < -1:
+            raise DitlabError(f"{path}: labels must be class indices >= 0 (or -1 = none), got {labels.min()}")
     return images, labels
+
+
+def check_labels(labels: np.ndarray | None, num_classes: int, what: str = "labels") -> None:
+    """Refuse labels outside [0, num_classes) (-1, no class, passes: metrics that need a class say so)."""
+    if labels is None or not len(labels):
+        return
+    bad = labels[(labels >= num_classes) | (labels < -1)]
+    if len(bad):
+        raise DitlabError(f"{what} must lie in [0, {num_classes}) for this evaluator, got {int(bad[0])} "
+                          f"({len(bad)} of {len(labels)} out of range)")
 
 
 def _progress(iterable, enabled: bool, desc: str):
@@ -156,6 +180,8 @@ def classifier_metrics(images: np.ndarray, labels: np.ndarray | None, metrics: l
     images = as_uint8_images(images)
     if images.shape[1:] != (28, 28, 1):
         raise DitlabError(f"the {dataset} classifier needs 28x28 greyscale samples, got {images.shape[1:]}")
+    if labels is not None:
+        check_labels(np.asarray(labels), EVALUATOR_CLASSES)
     if ("cls_fid" in wanted or "cls_pr" in wanted) and len(images) < max(2, k + 1):
         raise DitlabError(f"cls_fid/cls_pr need at least {max(2, k + 1)} samples (a covariance, k-NN), got {len(images)}")
     cacheable = model is None  # test-set features are cached per (data, weights file), not per module

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ditlab.config import ModelConfig
 from ditlab.errors import DitlabError
 from ditlab.models.infini_attention import MEMORY_UPDATES, InfiniAttention
 from ditlab.models.layers import DyT
@@ -229,6 +230,15 @@ class ByteLM(nn.Module):
         logits = self(x, memory=memory)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # softmax of bf16 logits in float32
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def lm_from_config(m: ModelConfig) -> ByteLM:
+    """The byte LM a run config's `model` section describes (model.name=byte-lm)."""
+    sizes = {"d_model": m.hidden_size, "n_layers": m.depth, "n_heads": m.num_heads}  # None: ByteLM's default
+    return build_lm(seq_len=m.lm_seq_len, mlp_ratio=m.mlp_ratio, norm=m.norm, pos=m.lm_pos, attention=m.lm_attention,
+                    segment_len=m.lm_segment_len, memory_update=m.lm_memory_update, gate_init=m.lm_gate_init,
+                    bptt=m.lm_bptt, dyt_alpha_init=m.lm_dyt_alpha_init, dropout=m.lm_dropout,
+                    **{k: v for k, v in sizes.items() if v is not None})
 
 
 def build_lm(**kwargs) -> ByteLM:

@@ -8,6 +8,7 @@ Model convention: `model(x, t, y, **kw) -> out` with x [B,C,H,W], t a float or l
 y a long tensor [B] of labels (index `model.num_classes` is the null label used by
 classifier-free guidance; ignored when `model.num_classes == 0`). The model exposes
 `in_channels`, `out_channels`, `learn_sigma`, `num_classes` and `input_size`.
+(Next-byte prediction, `next_byte.py`, trains language models: `model(x) -> logits`.)
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""From a loader batch to what the objective trains on: label check, flips, on-the-fly encoding."""
+"""Image batches: checks of the data against the model, and from a loader batch to what the
+objective trains on (label check, flips, on-the-fly encoding). Byte LMs need none of it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ditlab.codecs import Codec, latent_shape
+from ditlab.config import SampleConfig
 from ditlab.errors import DitlabError
+from ditlab.objectives import Objective
+from ditlab.objectives.guidance import check_guidance
 
 
 def check_data(dataset: Dataset, codec: Codec | None, model: nn.Module) -> None:
@@ -27,6 +31,14 @@ def check_data(dataset: Dataset, codec: Codec | None, model: nn.Module) -> None:
     data_classes = int(getattr(dataset, "num_classes", 0))
     if k > 0 and data_classes > k:
         raise DitlabError(f"data has labels 0..{data_classes - 1} but model.num_classes is {k}")
+
+
+def check_image_run(dataset: Dataset, codec: Codec | None, model: nn.Module, objective: Objective,
+                    sample: SampleConfig) -> None:
+    """What can be checked before training an image model: data shape and labels, the sampler, guidance."""
+    check_data(dataset, codec, model)
+    objective.resolve_sampling(sample.sampler, sample.steps)  # a typo fails now, not after training
+    check_guidance(model, sample.cfg_scale if model.num_classes > 0 else 1.0)
 
 
 def prepare_batch(x: Tensor, y: Tensor, *, num_classes: int, device: torch.device, gen_cpu: torch.Generator,

@@ -3,15 +3,19 @@
 A step directory (layout: `ditlab.runs`) is written under a temporary name (every file
 fsync'ed), then renamed into place; `latest` is replaced by an atomic rename only after that.
 A kill or a full disk during a save therefore leaves at worst a stray `.tmp-*` directory,
-never a broken latest checkpoint.
+never a broken latest checkpoint. Weights holding NaN or Inf are never saved (a diverged run
+would otherwise overwrite its good checkpoints with poisoned ones), and the files are
+byte-identical between identical runs (sorted safetensors metadata, seeded RNG states).
 """
 
 from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import torch
@@ -22,6 +26,51 @@ from ditlab.config import Config, config_yaml
 from ditlab.errors import DitlabError
 from ditlab.io import fsync_dir, write_atomic, write_bytes_synced
 from ditlab.runs import CHECKPOINTS, LATEST, latest_checkpoint, step_dir_name
+
+
+def _checkpoint_steps(run_dir: str | Path) -> list[int]:
+    steps = []
+    for d in (Path(run_dir) / CHECKPOINTS).glob("step_*"):
+        if d.is_dir() and d.name[5:].isdigit():
+            steps.append(int(d.name[5:]))
+    return sorted(steps)
+
+
+def last_good(run_dir: str | Path, step: int) -> str:
+    """'last good checkpoint: ...' for a run whose loss turned non-finite on the weights of `step`.
+
+    A checkpoint before `step` is good: its weights went on to give a finite loss. The one at
+    `step` (if saved) holds the very weights that gave the non-finite loss, so it is not named good.
+    """
+    steps = _checkpoint_steps(run_dir)
+    good = [s for s in steps if s < step]
+    text = f"last good checkpoint: {Path(run_dir) / CHECKPOINTS / step_dir_name(good[-1]) if good else 'none'}"
+    if step in steps:
+        text += f"; {step_dir_name(step)} holds the weights that gave it, resume from the good one"
+    return text
+
+
+def _first_non_finite(sd: dict[str, Tensor]) -> str | None:
+    for k, v in sd.items():
+        if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            return k
+    return None
+
+
+def _sorted_metadata(blob: bytes) -> bytes:
+    """The safetensors file `blob` with its `__metadata__` keys in sorted order.
+
+    safetensors keeps metadata in a hash map, so its order (and the file's bytes) changes from
+    process to process; tensors and their offsets are already ordered. The header is rewritten
+    as the format specifies it: JSON, space-padded to a multiple of 8 bytes, after its length.
+    """
+    n = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | header
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + blob[8 + n:]
 
 
 def _plain(sd: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -41,13 +90,19 @@ def save_checkpoint(run_dir: str | Path, step: int, model_sd: dict[str, Tensor],
         previous = latest_checkpoint(run_dir)
     except DitlabError:
         pass
+    for what, sd in (("model", model_sd), ("EMA", ema_sd)):
+        bad = _first_non_finite(sd)
+        if bad is not None:
+            raise DitlabError(f"refusing to save checkpoint {name}: the {what} weights hold NaN or Inf ({bad}); "
+                              f"the run diverged (last good checkpoint: {previous or 'none'}); "
+                              "try a lower optim.lr or set optim.grad_clip")
     try:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         meta = {"format": "pt", "ditlab_step": str(step)}
-        write_bytes_synced(tmp / "model.safetensors", safetensors_bytes(_plain(model_sd), metadata=meta))
-        write_bytes_synced(tmp / "ema.safetensors", safetensors_bytes(_plain(ema_sd), metadata=meta))
+        write_bytes_synced(tmp / "model.safetensors", _sorted_metadata(safetensors_bytes(_plain(model_sd), metadata=meta)))
+        write_bytes_synced(tmp / "ema.safetensors", _sorted_metadata(safetensors_bytes(_plain(ema_sd), metadata=meta)))
         buf = io.BytesIO()
         torch.save(state, buf)
         write_bytes_synced(tmp / "state.pt", buf.getvalue())

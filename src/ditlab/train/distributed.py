@@ -126,6 +126,18 @@ def wrap_fsdp(model: nn.Module, env: DistEnv) -> nn.Module:
                 device_id=env.device, use_orig_params=True)
 
 
+def clip_gradients(model: nn.Module, max_norm: float | None, fsdp: bool) -> float | None:
+    """Clip the gradient norm to max_norm (None/0: off) and return the norm before clipping.
+
+    Under FSDP each rank holds a shard, so the norm has to come from the wrapper's own method.
+    """
+    if not max_norm:
+        return None
+    if fsdp:
+        return float(model.clip_grad_norm_(max_norm))
+    return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+
+
 def full_state_dicts(model: nn.Module, ema_model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool,
                      device: torch.device) -> tuple[dict, dict, dict]:
     """Full model, EMA and optimizer state dicts (collective under FSDP: rank 0 gets them).

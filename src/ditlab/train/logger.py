@@ -1,24 +1,52 @@
-"""Training scalars: RUN/log.csv and TensorBoard (RUN/tb), written by rank 0 only."""
+"""Training scalars: RUN/log.csv and TensorBoard (RUN/tb), written by rank 0 only.
+
+A run resumed from step S continues the log after S: rows (and TensorBoard events) of later
+steps, written before a kill but after the checkpoint, are dropped first, so the log holds each
+step once and matches the weights that are saved.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import time
 from pathlib import Path
 
+from ditlab.io import write_atomic
+
 
 class Logger:
-    def __init__(self, run_dir: Path, tensorboard: bool):
+    def __init__(self, run_dir: Path, tensorboard: bool, start_step: int = 0):
         self.path = run_dir / "log.csv"
         self.fields: list[str] | None = None
         if self.path.is_file():
-            with open(self.path) as f:
-                self.fields = next(csv.reader(f), None)
+            self._truncate(start_step)
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tb"))
+            # purge_step hides the events of steps after the checkpoint that an earlier process logged.
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
+
+    def _truncate(self, start_step: int) -> None:
+        """Keep the rows of steps <= start_step (none for a new run); drop later and torn ones."""
+        with open(self.path, newline="") as f:
+            rows = list(csv.reader(f))
+        header, kept = (rows[0] if rows else None), []
+        for row in rows[1:]:
+            try:
+                if row and len(row) == len(header) and int(row[0]) <= start_step:
+                    kept.append(row)
+            except ValueError:
+                pass  # a line cut short by a kill
+        if not kept:
+            self.path.unlink()
+            return
+        self.fields = header
+        if len(kept) < len(rows) - 1:
+            buf = io.StringIO()
+            csv.writer(buf).writerows([header, *kept])
+            write_atomic(self.path, buf.getvalue().encode())
 
     def log(self, step: int, row: dict[str, float]) -> None:
         row = {"step": step, **row}
@@ -39,7 +67,7 @@ class Logger:
 
 
 class Window:
-    """Means of the logged terms over the steps since the last log line, and images per second."""
+    """Means of the logged terms over the steps since the last log line, and the throughput."""
 
     def __init__(self):
         self.sums: dict[str, float] = {}
@@ -50,9 +78,9 @@ class Window:
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.steps += 1
 
-    def flush(self, batch_size: int) -> dict[str, float]:
-        """The row to log (term means, img_per_s); starts a new window."""
+    def flush(self, per_step: int, unit: str = "img") -> dict[str, float]:
+        """The row to log (term means, {unit}_per_s for per_step units a step); starts a new window."""
         row = {k: v / self.steps for k, v in self.sums.items()}
-        row["img_per_s"] = self.steps * batch_size / max(time.time() - self.t0, 1e-9)
+        row[f"{unit}_per_s"] = self.steps * per_step / max(time.time() - self.t0, 1e-9)
         self.__init__()
         return row

@@ -28,3 +28,15 @@ def set_rng_state(state: dict) -> None:
     random.setstate((py[-2], tuple(py[:-2]), py[-1]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch (every device), numpy's and Python's global RNGs.
+
+    Training draws only from generators keyed by (seed, step), but the checkpoint stores the
+    global states too: seeding all of them makes identical runs write byte-identical state.pt
+    files (numpy and Python would otherwise start from OS entropy).
+    """
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)

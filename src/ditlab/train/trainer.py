@@ -1,11 +1,15 @@
-"""The training loop: one Trainer for a 10-minute CPU MNIST run and a multi-node DiT-XL/2 run.
+"""The training loop: one Trainer for a 10-minute CPU MNIST run, a multi-node DiT-XL/2 run and a
+byte-level language model.
 
 Per step (the official DiT train.py, plus what short and long runs need):
   global batch B -> W ranks x A accumulation micro-batches, each seeded by (seed, step, m)
   loss = objective.loss(model, x, y)  under bf16 autocast on CUDA
-  AdamW with linear LR warm-up, optional grad-norm clipping, EMA update (with decay warm-up)
+  AdamW, LR warm-up then constant or cosine (`schedule.py`), optional grad-norm clipping, EMA update
   loss averaged over ranks -> non-finite check -> progress bar, CSV, TensorBoard
-  every ckpt_every steps an atomic checkpoint; every sample_every steps an EMA sample grid.
+  every ckpt_every steps an atomic checkpoint; every sample_every steps EMA samples.
+
+A byte LM (`config.is_language_model`) trains through the same loop on (bytes, next bytes) windows
+with next-byte prediction; the image-only steps (label checks, flips, codec, grids) are skipped.
 
 The data order and all randomness are functions of (seed, step) (`order.py`), so a resumed run
 continues bit-identically: the checkpoint stores the step, the optimizer, the EMA, the
@@ -16,43 +20,45 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from ditlab.codecs import load_codec
-from ditlab.config import Config, load_run_config, save_config, validate
+from ditlab.config import Config, is_language_model, load_run_config, save_config, validate
 from ditlab.data import build_dataset
 from ditlab.errors import DitlabError
-from ditlab.io import save_grid
 from ditlab.models import build_model
 from ditlab.objectives import build_objective
-from ditlab.objectives.guidance import check_guidance
-from ditlab.runs import Run, latest_checkpoint, load_state, prepare_run_dir, read_weights, step_dir_name
-from ditlab.sampling import generate
+from ditlab.runs import Run, load_state, prepare_run_dir, read_weights, step_dir_name
 from ditlab.train import checkpoint as ckpt
 from ditlab.train import distributed as D
-from ditlab.train.batch import check_data, prepare_batch
+from ditlab.train.batch import check_image_run, prepare_batch
 from ditlab.train.ema import EMA
 from ditlab.train.logger import Logger, Window
 from ditlab.train.order import MicroBatches, StepSampler, mix_seed
-from ditlab.train.state import rng_state, set_rng_state
+from ditlab.train.samples import write_image_grid, write_text_sample
+from ditlab.train.schedule import lr_at
+from ditlab.train.state import rng_state, seed_all, set_rng_state
+from ditlab.train.stop import StopSignals, agreed_stop, ignore_stop_signals
 
 
 @dataclass
 class TrainResult:
     run_dir: Path
     step: int
-    stopped: str  # "steps" | "time_budget"
+    stopped: str  # "steps" | "time_budget" | "signal"
     elapsed_s: float
-    images_per_s: float
+    images_per_s: float  # samples per second (text windows for a byte LM)
     last_loss: float
     checkpoint: Path | None
+    bytes_per_s: float | None = None  # byte LMs
+    signal: int | None = None  # the stop signal (SIGTERM, SIGINT, SIGUSR1) when stopped == "signal"
 
 
 class Trainer:
@@ -71,19 +77,19 @@ class Trainer:
             raise DitlabError(f"optim.batch_size={o.batch_size} is not divisible by world size x "
                               f"train.grad_accum = {micro_per_step}")
         self.micro_batch = o.batch_size // micro_per_step
-        resume_from = D.on_main(lambda: prepare_run_dir(self.run_dir, resume), self.env)
+        resume_from = D.on_main(lambda: prepare_run_dir(self.run_dir, resume, cfg), self.env)
 
+        self.lm = is_language_model(cfg)
         self.dataset = build_dataset(cfg)
         self.codec = None  # encodes pixels on the fly (official DiT); stays None for pixel and latent data
         if cfg.vae.path and cfg.data.source != "latents":
             self.codec = load_codec(cfg.vae, device=self.device)
         self._decoder = self.codec  # decodes sample grids; loaded when first needed for latent data
-        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        seed_all(t.seed)  # identical initial weights on every rank (and identical runs save identical RNG states)
         model = build_model(cfg).to(self.device)
-        check_data(self.dataset, self.codec, model)
         self.objective = build_objective(cfg)
-        self.objective.resolve_sampling(cfg.sample.sampler, cfg.sample.steps)  # a typo fails now, not after training
-        check_guidance(model, cfg.sample.cfg_scale if model.num_classes > 0 else 1.0)
+        if not self.lm:  # an LM's windows are cut to its context by construction; nothing to check
+            check_image_run(self.dataset, self.codec, model, self.objective, cfg.sample)
         self.ema = EMA(model, t.ema_decay, t.ema_warmup)
         if t.fsdp:
             self.model = D.wrap_fsdp(model, self.env)
@@ -131,8 +137,7 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------
 
     def lr_at(self, step: int) -> float:
-        o = self.cfg.optim
-        return o.lr * min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps > 0 else o.lr
+        return lr_at(self.cfg.optim, step, self.cfg.train.steps)
 
     def _loader(self, end_step: int) -> DataLoader:
         a = self.cfg.train.grad_accum
@@ -140,14 +145,18 @@ class Trainer:
         sampler = MicroBatches(self.order, self.step, end_step, micro, self.micro_batch)
         w = self.cfg.data.num_workers
         return DataLoader(self.dataset, batch_sampler=sampler, num_workers=w, pin_memory=self.device.type == "cuda",
-                          persistent_workers=False, prefetch_factor=4 if w > 0 else None)
+                          persistent_workers=False, prefetch_factor=4 if w > 0 else None,
+                          worker_init_fn=ignore_stop_signals if w > 0 else None)
 
     def _micro_step(self, x: Tensor, y: Tensor, m: int, last: bool) -> dict[str, Tensor]:
         seed = mix_seed(self.cfg.train.seed, self.step, m)
-        x, y = prepare_batch(x, y, num_classes=self.raw.num_classes, device=self.device,
-                             gen_cpu=torch.Generator().manual_seed(seed), codec=self.codec,
-                             paired_flip=getattr(self.dataset, "paired_flip", False),
-                             random_flip=self.cfg.data.random_flip)
+        if self.lm:  # bytes and the bytes that follow them: nothing to check, flip or encode
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        else:
+            x, y = prepare_batch(x, y, num_classes=self.raw.num_classes, device=self.device,
+                                 gen_cpu=torch.Generator().manual_seed(seed), codec=self.codec,
+                                 paired_flip=getattr(self.dataset, "paired_flip", False),
+                                 random_flip=self.cfg.data.random_flip)
         torch.manual_seed(seed)  # global-RNG draws inside the model (label dropout) are per micro-batch too
         gen = torch.Generator(device=self.device).manual_seed(seed)
         sync = contextlib.nullcontext()
@@ -159,35 +168,31 @@ class Trainer:
             (out["loss"] / self.cfg.train.grad_accum).backward()
         return {k: v.detach().float() for k, v in out.items()}
 
-    def _clip_gradients(self) -> float | None:
-        clip = self.cfg.optim.grad_clip
-        if not clip:
-            return None
-        if self.cfg.train.fsdp:
-            return float(self.model.clip_grad_norm_(clip))
-        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-
     def train(self, final_samples: bool = True) -> TrainResult:
         from tqdm import tqdm
 
         cfg, t, env = self.cfg, self.cfg.train, self.env
-        logger = Logger(self.run_dir, t.tensorboard) if env.is_main else None
+        logger = Logger(self.run_dir, t.tensorboard, start_step=self.step) if env.is_main else None
         if env.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
         self.model.train()
         start_step, a = self.step, t.grad_accum
         loader = iter(self._loader(t.steps))
-        bar = tqdm(total=t.steps, initial=self.step, disable=not (env.is_main and t.progress), desc="train",
+        # Off a terminal (a log file, CI) a bar would write a line per step: print a plain line per log step instead.
+        tty = sys.stderr.isatty()
+        bar = tqdm(total=t.steps, initial=self.step, disable=not (env.is_main and t.progress and tty), desc="train",
                    dynamic_ncols=True)
         t0, window = time.time(), Window()
+        unit, per_step = ("bytes", cfg.optim.batch_size * cfg.model.lm_seq_len) if self.lm else ("img", cfg.optim.batch_size)
         stopped, last_loss, saved_at = "steps", float("nan"), None
+        signals, stop_signal = StopSignals().install(), None  # a stop signal ends the loop after its step
         try:
             while self.step < t.steps:
-                if t.time_budget_s is not None and self.step > start_step:
-                    over = torch.tensor(float(time.time() - t0 > t.time_budget_s))
-                    if D.all_reduce_mean(over, env).item() > 0:  # any rank over budget stops all
-                        stopped = "time_budget"
-                        break
+                over = t.time_budget_s is not None and self.step > start_step and time.time() - t0 > t.time_budget_s
+                over, stop_signal = agreed_stop(env, over, signals)  # any rank over budget or signalled stops all
+                if over or stop_signal:
+                    stopped = "signal" if stop_signal else "time_budget"
+                    break
                 for g in self.optimizer.param_groups:
                     g["lr"] = self.lr_at(self.step)
                 terms: dict[str, Tensor] = {}
@@ -195,13 +200,12 @@ class Trainer:
                     x, y = next(loader)
                     for k, v in self._micro_step(x, y, env.rank * a + i, last=i == a - 1).items():
                         terms[k] = terms.get(k, 0.0) + v / a
-                grad_norm = self._clip_gradients()
+                grad_norm = D.clip_gradients(self.model, cfg.optim.grad_clip, t.fsdp)
                 names = sorted(terms)
                 logged = dict(zip(names, D.all_reduce_mean(torch.stack([terms[k] for k in names]).cpu(), env).tolist()))
                 if not math.isfinite(logged["loss"]):
-                    last = latest_checkpoint(self.run_dir)
                     raise DitlabError(f"non-finite loss ({logged['loss']}) at step {self.step + 1}; stopped without "
-                                      f"saving (last good checkpoint: {last or 'none'}); try a lower optim.lr or set optim.grad_clip")
+                                      f"saving ({ckpt.last_good(self.run_dir, self.step)}); try a lower optim.lr or set optim.grad_clip")
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.ema.update(self.model if t.fsdp else self.raw)
@@ -212,17 +216,21 @@ class Trainer:
                 window.add(logged)
                 bar.update(1)
                 if self.step % t.log_every == 0 or self.step == t.steps:
-                    row = window.flush(cfg.optim.batch_size)
+                    row = window.flush(per_step, unit)
                     row.update(lr=self.lr_at(self.step - 1), elapsed_s=time.time() - t0)
                     if logger:
                         logger.log(self.step, row)
-                        bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
+                        if t.progress and not tty:
+                            print(f"train step {self.step}/{t.steps}: loss {row['loss']:.4f}, "
+                                  f"{row[f'{unit}_per_s']:.0f} {unit}/s", file=sys.stderr, flush=True)
+                        bar.set_postfix({"loss": f"{row['loss']:.4f}", f"{unit}_s": f"{row[f'{unit}_per_s']:.0f}"})
                 if t.ckpt_every and self.step % t.ckpt_every == 0:
                     self.save()
                     saved_at = self.step
                 if t.sample_every and self.step % t.sample_every == 0:
-                    self.sample_grid()
+                    self.write_samples()
         finally:
+            signals.restore()
             bar.close()
             if logger:
                 logger.close()
@@ -231,11 +239,12 @@ class Trainer:
             path = self.save()
         elif saved_at == self.step:
             path = self.run_dir / "checkpoints" / step_dir_name(self.step)
-        if final_samples and self.step > start_step and (not t.sample_every or self.step % t.sample_every):
-            self.sample_grid()
+        if final_samples and not stop_signal and self.step > start_step and (not t.sample_every or self.step % t.sample_every):
+            self.write_samples()
         elapsed = time.time() - t0
-        return TrainResult(self.run_dir, self.step, stopped, elapsed,
-                           (self.step - start_step) * cfg.optim.batch_size / max(elapsed, 1e-9), last_loss, path)
+        per_s = (self.step - start_step) * cfg.optim.batch_size / max(elapsed, 1e-9)
+        return TrainResult(self.run_dir, self.step, stopped, elapsed, per_s, last_loss, path,
+                           bytes_per_s=per_s * cfg.model.lm_seq_len if self.lm else None, signal=stop_signal)
 
     # ---- samples ------------------------------------------------------------------------------
 
@@ -251,15 +260,11 @@ class Trainer:
             self._decoder = load_codec(self.cfg.vae, device=self.device)
         return Run(self.cfg, model, self.objective, self._decoder, step=self.step)
 
-    def sample_grid(self) -> Path | None:
-        """An EMA sample grid in RUN/samples/step_N.png (rank 0), with the config's sampler."""
+    def write_samples(self) -> Path | None:
+        """EMA samples (rank 0): a grid RUN/samples/step_N.png with the config's sampler, or a
+        byte LM's continuation of sample.prompt in RUN/samples/step_N.txt."""
         run = self.ema_run()
         if not self.env.is_main:
             return None
-        k = self.raw.num_classes
-        n = min(self.cfg.sample.num_samples, 64) if k == 0 else max(1, min(self.cfg.sample.num_samples, 100) // k) * k
-        labels = np.arange(k).repeat(n // k) if k > 0 else np.full(n, -1)
-        images, _ = generate(run, labels)
-        path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
-        save_grid(path, images, nrow=(n // k) if k > 0 else math.ceil(math.sqrt(n)))
-        return path
+        stem = self.run_dir / "samples" / f"step_{self.step:07d}"
+        return write_text_sample(run, stem) if self.lm else write_image_grid(run, stem)
