@@ -1,4 +1,4 @@
-"""Architecture variants (issue 7): each trains, equivalences hold, bad combinations fail clearly."""
+"""Architecture variants: each trains, equivalences hold, bad combinations fail clearly."""
 
 from __future__ import annotations
 
