@@ -331,18 +331,28 @@ def build_run(cfg: Config, state_dict: dict[str, Tensor] | None = None, *, devic
     return Run(cfg, model.to(device).eval(), objective, codec)
 
 
+def choose_weights(weights: Path, ema: bool) -> Path:
+    """The raw weights beside `weights` when `ema=False` and the step holds both, else `weights`."""
+    if not ema and weights.name == "ema.safetensors" and (weights.parent / "model.safetensors").is_file():
+        return weights.parent / "model.safetensors"
+    return weights
+
+
+def saved_objective_state(weights: Path) -> dict | None:
+    """The objective state saved beside ditlab weights (e.g. a flow's measured data std), or None."""
+    if not (weights.parent / "state.pt").is_file():
+        return None
+    return load_state(weights.parent, mmap=True).get("objective")
+
+
 def load_run(path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> Run:
     """Load a ditlab run folder, step folder or weights file (EMA weights unless `ema=False`)."""
     weights, cfg = resolve_checkpoint(Path(path).expanduser())
     if cfg is None:
         raise DitlabError(f"{weights} has no config.yaml beside it (an official DiT checkpoint? "
                           "sample it with `ditlab sample --model ...`)")
-    if not ema and weights.name == "ema.safetensors" and (weights.parent / "model.safetensors").is_file():
-        weights = weights.parent / "model.safetensors"
-    objective_state = None
-    if (weights.parent / "state.pt").is_file():  # e.g. a flow objective's measured data std
-        objective_state = load_state(weights.parent, mmap=True).get("objective")
-    run = build_run(cfg, read_weights(weights), device=device, objective_state=objective_state,
+    weights = choose_weights(weights, ema)
+    run = build_run(cfg, read_weights(weights), device=device, objective_state=saved_objective_state(weights),
                     source=f"checkpoint {weights}")
     run.weights, run.step = weights, checkpoint_step(weights)
     return run

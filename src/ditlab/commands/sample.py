@@ -27,7 +27,7 @@ from ditlab.config import (Config, config_from_dict, config_to_dict, is_language
 from ditlab.errors import DitlabError
 from ditlab.io import check_writable, save_grid, save_npz
 from ditlab.models.loading import load_state_dict_file
-from ditlab.runs import build_run, load_state, resolve_checkpoint, resolve_device
+from ditlab.runs import build_run, choose_weights, resolve_checkpoint, resolve_device, saved_objective_state
 from ditlab.sampling import generate
 
 
@@ -74,8 +74,7 @@ def _resolve(args) -> tuple[Config, dict[str, Tensor], Path, bool]:
     if cfg is not None and args.config:  # it would be ignored: the checkpoint's own config describes its weights
         raise DitlabError(f"--config is for checkpoints without a config; {weights} has one "
                           "(change its settings with section.key=value instead)")
-    if args.no_ema and weights.name == "ema.safetensors" and (weights.parent / "model.safetensors").is_file():
-        weights = weights.parent / "model.safetensors"
+    weights = choose_weights(weights, ema=not args.no_ema)
     state = load_state_dict_file(weights, prefer_ema=not args.no_ema)
     official = cfg is None and args.config is None
     if cfg is None:
@@ -152,8 +151,8 @@ def run(args) -> int:
     if not cfg.vae.path and cfg.model.in_channels not in (1, 3):
         raise DitlabError(f"the model samples {cfg.model.in_channels}-channel latents: pass --vae with the autoencoder to decode them")
     # The objective's saved state (e.g. a flow's measured data std) sits beside ditlab weights.
-    objective_state = load_state(weights.parent, mmap=True).get("objective") if (weights.parent / "state.pt").is_file() else None
-    run = build_run(cfg, state, device=device, objective_state=objective_state, source=f"checkpoint {weights}")
+    run = build_run(cfg, state, device=device, objective_state=saved_objective_state(weights),
+                    source=f"checkpoint {weights}")
     labels = _labels(args, cfg, run.model.num_classes)
     images, labels = generate(run, labels, cfg_scale=args.cfg_scale, eta=args.eta, clip_denoised=args.clip_denoised,
                               progress=not args.no_progress and sys.stderr.isatty())  # no per-step lines in logs
