@@ -92,3 +92,15 @@ def pytest_make_collect_report(collector):
         reason = _skip_reason(report)
         if _names_reference(reason):
             _fail(report, reason)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tests of tiny models: no synchronisation between two threads, which
+    costs most when other jobs share the cores (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -22,14 +22,7 @@ DATA = Path(os.environ.get("DITLAB_DATA", Path(__file__).resolve().parents[2] / 
 GCIDE = DATA / "text" / "gcide.txt.gz"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread beats two (no synchronisation), and far more so when
-    other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -25,14 +25,7 @@ TOL64 = 1e-10
 TINY = dict(seq_len=16, d_model=16, n_layers=2, n_heads=2, mlp_ratio=2.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread beats two (no synchronisation), and far more so when
-    other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer(rule: str = "linear", segment_len: int = 4, d_model: int = 8, n_heads: int = 2, bptt="full", seed: int = 0):

@@ -40,13 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORDS = b"the of and a to in is was for that with as by on from noun verb adj. see def. pl. n. v.".split()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread beats two (no synchronisation), and far more so on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

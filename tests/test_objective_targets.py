@@ -35,12 +35,7 @@ U32 = torch.finfo(torch.float32).eps / 2  # unit roundoff
 K = 8  # rounded float32 operations on the path from x0, eps to the squared error
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Oracle(nn.Module):
