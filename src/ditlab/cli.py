@@ -1,6 +1,6 @@
 """`ditlab` command line: one subcommand per job, each a module of `ditlab.commands`.
 
-A command module defines `add_arguments(parser)` and `run(args) -> int`. Modules are imported
+A command module (in `ditlab.commands`, or `ditlab.experiments` for the findings suite) defines `add_arguments(parser)` and `run(args) -> int`. Modules are imported
 only when their command runs, so `ditlab --help` stays fast; this is the one place in ditlab
 that imports its own modules lazily. A `DitlabError` anywhere becomes one line on stderr and
 exit status 2.
@@ -14,19 +14,21 @@ import sys
 
 from ditlab.errors import DitlabError
 
-# name -> (module of ditlab.commands, one-line help)
+# name -> (module under ditlab, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "quickstart": ("quickstart", "train a class-conditional MNIST model in ~10 CPU minutes, then sample"),
-    "train": ("train", "train a model from a YAML config with key=value overrides"),
-    "sample": ("sample", "sample a checkpoint (ditlab or official DiT) to a PNG grid and/or .npz"),
-    "eval": ("eval", "FID/IS/precision-recall and MNIST classifier metrics of samples or a checkpoint"),
-    "extract-latents": ("extract_latents", "encode a dataset once with a VAE into sharded latent files"),
-    "train-classifier": ("train_classifier", "train the MNIST/Fashion-MNIST evaluator CNN"),
-    "train-tokenizer": ("train_tokenizer", "train a conv autoencoder tokenizer and report PSNR"),
-    "flops": ("flops", "Gflops and parameter counts of model configs"),
-    "scaling": ("scaling", "fit and plot power laws (FID or loss vs compute)"),
-    "convert": ("convert", "convert weights between ditlab/official DiT and diffusers"),
-    "lm": ("lm", "byte-level language models: train, eval (bits per byte, memory, passkey), generate"),
+    "quickstart": ("commands.quickstart", "train a class-conditional MNIST model in ~10 CPU minutes, then sample"),
+    "train": ("commands.train", "train a model from a YAML config with key=value overrides"),
+    "sample": ("commands.sample", "sample a checkpoint (ditlab or official DiT) to a PNG grid and/or .npz"),
+    "eval": ("commands.eval", "FID/IS/precision-recall and MNIST classifier metrics of samples or a checkpoint"),
+    "extract-latents": ("commands.extract_latents", "encode a dataset once with a VAE into sharded latent files"),
+    "train-classifier": ("commands.train_classifier", "train the MNIST/Fashion-MNIST evaluator CNN"),
+    "train-tokenizer": ("commands.train_tokenizer", "train a conv autoencoder tokenizer and report PSNR"),
+    "flops": ("commands.flops", "Gflops and parameter counts of model configs"),
+    "scaling": ("commands.scaling", "fit and plot power laws (FID or loss vs compute)"),
+    "convert": ("commands.convert", "convert weights between ditlab/official DiT and diffusers"),
+    "lm": ("commands.lm", "byte-level language models: train, eval (bits per byte, memory, passkey), generate"),
+    "reproduce": ("experiments.reproduce", "run the research notes' findings: arms x seeds, verdicts, report pages"),
+    "report": ("experiments.report", "write the findings' pages and REPORT.md from a suite's results"),
 }
 
 
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     module_name, help_text = COMMANDS[name]
-    module = importlib.import_module(f"ditlab.commands.{module_name}")
+    module = importlib.import_module(f"ditlab.{module_name}")
     parser = argparse.ArgumentParser(prog=f"ditlab {name}", description=help_text)
     module.add_arguments(parser)
     args = parser.parse_args(rest)

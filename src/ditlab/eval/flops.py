@@ -8,88 +8,23 @@ matmuls of B*heads*N*M*d MACs each) and report counted FLOPs / 2.
 
 Models are built and run on the meta device (shapes only, no memory, no arithmetic), so
 DiT-XL/2 is as cheap to count as DiT-S/8; models that cannot run on meta fall back to CPU.
+
+The counter lives in `ditlab.models.flops` (train/ counts training compute with it and may not
+import eval/); this module re-exports it for `ditlab flops` and the metrics libraries.
 """
 
 from __future__ import annotations
 
-import inspect
+from ditlab.models.flops import (
+    ATTENTION_FORMULAS,
+    _sdpa_flops,
+    build_for_counting,
+    count_flops,
+    count_params,
+    gflops,
+    measure,
+    model_inputs,
+)
 
-import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
-
-from ditlab.errors import DitlabError
-from ditlab.models import build_model
-
-aten = torch.ops.aten
-
-
-def _sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
-    """FLOPs (2 per MAC) of softmax(QK^T)V for q [B,h,N,d], k [B,h,M,d], v [B,h,M,dv]."""
-    *batch, n, d = query_shape
-    m, dv = key_shape[-2], value_shape[-1]
-    b = 1
-    for s in batch:
-        b *= s
-    return 2 * b * n * m * d + 2 * b * n * m * dv
-
-
-# CPU fused attention has no formula in torch's registry; the CUDA kernels do (same count).
-ATTENTION_FORMULAS = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
-
-
-def model_inputs(model: nn.Module, batch: int = 1, device: str | torch.device = "cpu") -> tuple[tuple, dict]:
-    """Dummy (x, t, y) and keyword inputs for a ditlab model (dt= when it conditions on step size)."""
-    size = model.input_size
-    x = torch.zeros(batch, model.in_channels, size, size, device=device)
-    t = torch.full((batch,), 500, dtype=torch.long, device=device)
-    y = torch.zeros(batch, dtype=torch.long, device=device)
-    kwargs = {}
-    if getattr(model, "step_size_cond", False) and "dt" in inspect.signature(model.forward).parameters:
-        kwargs["dt"] = torch.full((batch,), 1 / 128, device=device)
-    return (x, t, y), kwargs
-
-
-def count_flops(model: nn.Module, batch: int = 1) -> float:
-    """FLOPs (2 per MAC, torch's convention) of one forward pass of `batch` images."""
-    device = next(model.parameters()).device
-    args, kwargs = model_inputs(model, batch, device)
-    counter = FlopCounterMode(display=False, custom_mapping=ATTENTION_FORMULAS)
-    with torch.no_grad(), counter:
-        model(*args, **kwargs)
-    return float(counter.get_total_flops())
-
-
-def gflops(model: nn.Module) -> float:
-    """DiT-paper Gflops (GMACs) of one forward pass of one image."""
-    return count_flops(model, batch=1) / 2 / 1e9
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def build_for_counting(cfg) -> nn.Module:
-    """Build cfg's model on the meta device (falls back to CPU if construction fails there)."""
-    try:
-        with torch.device("meta"):
-            return build_model(cfg).eval()
-    except DitlabError:
-        raise
-    except Exception:
-        return build_model(cfg).eval()
-
-
-def measure(cfg) -> dict:
-    """{'name', 'params', 'gflops'} of cfg's model; meta device first, CPU if that fails."""
-    model = build_for_counting(cfg)
-    try:
-        g = gflops(model)
-    except DitlabError:
-        raise
-    except Exception:
-        if next(model.parameters()).device.type != "meta":
-            raise
-        model = build_model(cfg).eval()
-        g = gflops(model)
-    return {"name": cfg.model.name, "params": count_params(model), "gflops": g}
+__all__ = ["ATTENTION_FORMULAS", "_sdpa_flops", "build_for_counting", "count_flops", "count_params", "gflops",
+           "measure", "model_inputs"]

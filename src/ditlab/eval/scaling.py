@@ -3,7 +3,11 @@
     ditlab scaling --csv runs.csv --x gflops --y fid --out plot.png [--group model]   (ditlab.commands.scaling)
 
 The fit is linear least squares in log-log space (log y = log a + b log x), which weights the
-relative errors of every point alike; R^2 is reported in log space, where the fit is made.
+relative errors of every point alike; R^2 and Pearson's r are reported in log space, where the fit
+is made. The exponent's 95% confidence interval is a percentile bootstrap: the points (or, with
+`groups`, whole groups of points such as the seeds of one grid point) are resampled with
+replacement from a fixed seed, and resamples with fewer than 2 distinct x are skipped. A fit needs
+at least 3 distinct x values: through 2 points a line always fits exactly and says nothing.
 """
 
 from __future__ import annotations
@@ -24,14 +28,21 @@ class PowerLaw:
     b: float  # exponent
     r2: float  # coefficient of determination of the log-log fit
     n: int  # number of points
-    b_stderr: float  # standard error of the exponent
+    b_stderr: float  # standard error of the exponent (least-squares formula)
+    r: float = float("nan")  # Pearson correlation of log x and log y
+    b_lo: float = float("nan")  # bootstrap confidence interval of the exponent ...
+    b_hi: float = float("nan")
+    ci: float = 0.95  # ... at this level
+    resamples: int = 0  # bootstrap resamples used (degenerate ones skipped)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.a * np.asarray(x, dtype=np.float64) ** self.b
 
 
-def fit_power_law(x, y) -> PowerLaw:
-    """Least-squares fit of log y = log a + b log x (x, y > 0, at least 2 distinct x)."""
+MIN_DISTINCT_X = 3
+
+
+def _check(x, y) -> tuple[np.ndarray, np.ndarray]:
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if x.shape != y.shape or x.ndim != 1:
         raise DitlabError(f"x and y must be 1-D of equal length, got {x.shape} and {y.shape}")
@@ -39,11 +50,68 @@ def fit_power_law(x, y) -> PowerLaw:
         raise DitlabError("power-law fit: x or y contains NaN or Inf")
     if (x <= 0).any() or (y <= 0).any():
         raise DitlabError("power-law fit needs positive x and y (it is a fit in log space)")
-    if len(np.unique(x)) < 2:
-        raise DitlabError(f"power-law fit needs at least 2 distinct x values, got {len(np.unique(x))}")
+    distinct = len(np.unique(x))
+    if distinct < MIN_DISTINCT_X:
+        raise DitlabError(f"power-law fit needs at least {MIN_DISTINCT_X} distinct x values, got {distinct} "
+                          f"({len(x)} points)")
+    return x, y
+
+
+def _slopes(lx: np.ndarray, ly: np.ndarray) -> np.ndarray:
+    """Least-squares slopes of each row of lx, ly ([resamples, n]); NaN where x has one value."""
+    dx = lx - lx.mean(axis=1, keepdims=True)
+    sxx = (dx * dx).sum(axis=1)
+    ok = np.ptp(lx, axis=1) > 0
+    slopes = np.full(len(lx), np.nan)
+    slopes[ok] = (dx[ok] * (ly[ok] - ly[ok].mean(axis=1, keepdims=True))).sum(axis=1) / sxx[ok]
+    return slopes
+
+
+def bootstrap_exponent(x, y, *, groups=None, resamples: int = 2000, seed: int = 0,
+                       ci: float = 0.95) -> tuple[float, float, int]:
+    """(low, high, resamples used): the percentile bootstrap CI of the log-log slope.
+
+    Without `groups` the points are resampled with replacement; with `groups` (one label per
+    point) whole groups are, so that e.g. the seeds of one grid point stay together. Resamples
+    with fewer than 2 distinct x are skipped.
+    """
+    lx, ly = np.log(np.asarray(x, np.float64)), np.log(np.asarray(y, np.float64))
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        idx = rng.integers(0, len(lx), size=(resamples, len(lx)))
+        slopes = _slopes(lx[idx], ly[idx])
+    else:
+        labels = np.asarray(groups)
+        if labels.shape != lx.shape:
+            raise DitlabError(f"groups must have one label per point, got {labels.shape} for {lx.shape[0]} points")
+        members = [np.flatnonzero(labels == g) for g in np.unique(labels)]
+        slopes = np.full(resamples, np.nan)
+        for i, pick in enumerate(rng.integers(0, len(members), size=(resamples, len(members)))):
+            idx = np.concatenate([members[j] for j in pick])
+            slopes[i] = _slopes(lx[idx][None], ly[idx][None])[0]
+    slopes = slopes[np.isfinite(slopes)]
+    if not len(slopes):
+        return float("nan"), float("nan"), 0
+    tail = (1 - ci) / 2 * 100
+    lo, hi = np.percentile(slopes, [tail, 100 - tail])
+    return float(lo), float(hi), len(slopes)
+
+
+def fit_power_law(x, y, *, groups=None, resamples: int = 2000, seed: int = 0, ci: float = 0.95) -> PowerLaw:
+    """Least-squares fit of log y = log a + b log x (x, y > 0, at least 3 distinct x), with a
+    bootstrap CI of b (`bootstrap_exponent`; `resamples=0` skips it) and Pearson's r."""
+    x, y = _check(x, y)
     r = stats.linregress(np.log(x), np.log(y))
-    stderr = float(r.stderr) if len(x) > 2 else float("nan")
-    return PowerLaw(a=float(np.exp(r.intercept)), b=float(r.slope), r2=float(r.rvalue**2), n=len(x), b_stderr=stderr)
+    lo, hi, used = bootstrap_exponent(x, y, groups=groups, resamples=resamples, seed=seed, ci=ci) \
+        if resamples > 0 else (float("nan"), float("nan"), 0)
+    return PowerLaw(a=float(np.exp(r.intercept)), b=float(r.slope), r2=float(r.rvalue**2), n=len(x),
+                    b_stderr=float(r.stderr), r=float(r.rvalue), b_lo=lo, b_hi=hi, ci=ci, resamples=used)
+
+
+def fit_grouped(x, y, groups, **kwargs) -> PowerLaw:
+    """`fit_power_law` of repeated measurements (e.g. several seeds per grid point, `groups` naming
+    each point's grid point): the fit uses every point, the bootstrap resamples whole groups."""
+    return fit_power_law(x, y, groups=groups, **kwargs)
 
 
 def read_csv(path: str | Path, x: str, y: str, group: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -18,6 +18,8 @@ Claims and verdicts (the effect is oriented so that positive means "A is better"
 - `equivalent` (A ≈ B within ±margin): reproduces when the CI lies inside [-margin, margin];
   contradicts when it lies wholly outside that band (a difference larger than the margin);
   inconclusive otherwise.
+- `noninferior` (A not worse than B by more than the margin): reproduces when the CI lies above
+  -margin, contradicts when it lies wholly below -margin, inconclusive otherwise.
 - `ordering` (A > B > C ...): every adjacent pair is a `better` claim; reproduces when all pairs
   do, contradicts when any pair contradicts, inconclusive otherwise.
 """
@@ -33,7 +35,7 @@ from scipy import stats
 
 from ditlab.errors import DitlabError
 
-CLAIMS = ("better", "equivalent", "ordering")
+CLAIMS = ("better", "equivalent", "noninferior", "ordering")
 VERDICTS = ("reproduces", "contradicts", "inconclusive")
 
 
@@ -136,6 +138,25 @@ def judge_equivalent(e: Effect, margin: float) -> str:
     return "inconclusive"
 
 
+def judge_noninferior(e: Effect, margin: float) -> str:
+    if margin <= 0:
+        raise DitlabError(f"a non-inferiority claim needs a positive margin, got {margin}")
+    if e.low > -margin:
+        return "reproduces"
+    if e.high < -margin:
+        return "contradicts"
+    return "inconclusive"
+
+
+def combine(verdicts: Sequence[str]) -> str:
+    """All parts reproduce: reproduces; any part contradicts: contradicts; else inconclusive."""
+    if verdicts and all(v == "reproduces" for v in verdicts):
+        return "reproduces"
+    if any(v == "contradicts" for v in verdicts):
+        return "contradicts"
+    return "inconclusive"
+
+
 def verdict(claim: str, arms: dict[str, ArmStats], order: Sequence[str], *, higher_is_better: bool,
             margin: float | None = None, confidence: float = 0.95) -> Verdict:
     """The verdict of `claim` over arms named in `order` (best first for `better`/`ordering`)."""
@@ -148,15 +169,9 @@ def verdict(claim: str, arms: dict[str, ArmStats], order: Sequence[str], *, high
         raise DitlabError(f"a '{claim}' claim compares {'two' if claim != 'ordering' else 'two or more'} arms, got {list(order)}")
     effects = [effect(arms[x], arms[y], higher_is_better=higher_is_better, names=(x, y), confidence=confidence)
                for x, y in zip(order, order[1:])]
-    if claim == "equivalent":
+    if claim in ("equivalent", "noninferior"):
         if margin is None:
-            raise DitlabError("an equivalence claim needs a margin")
-        return Verdict(claim, judge_equivalent(effects[0], margin), effects, margin)
-    parts = [judge_better(e) for e in effects]
-    if all(p == "reproduces" for p in parts):
-        result = "reproduces"
-    elif any(p == "contradicts" for p in parts):
-        result = "contradicts"
-    else:
-        result = "inconclusive"
-    return Verdict(claim, result, effects, margin)
+            raise DitlabError(f"an {claim} claim needs a margin")
+        judge = judge_equivalent if claim == "equivalent" else judge_noninferior
+        return Verdict(claim, judge(effects[0], margin), effects, margin)
+    return Verdict(claim, combine([judge_better(e) for e in effects]), effects, margin)

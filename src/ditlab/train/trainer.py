@@ -22,6 +22,7 @@ import contextlib
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from ditlab.config import Config, is_language_model, load_run_config, save_confi
 from ditlab.data import build_dataset
 from ditlab.errors import DitlabError
 from ditlab.models import build_model
+from ditlab.models.flops import measure as measure_flops
 from ditlab.objectives import build_objective
 from ditlab.runs import Run, load_state, prepare_run_dir, read_weights, step_dir_name
 from ditlab.train import checkpoint as ckpt
@@ -59,6 +61,24 @@ class TrainResult:
     checkpoint: Path | None
     bytes_per_s: float | None = None  # byte LMs
     signal: int | None = None  # the stop signal (SIGTERM, SIGINT, SIGUSR1) when stopped == "signal"
+    fwd_gflops: float | None = None  # image runs: forward Gflops of one image (DiT-paper convention)
+    train_gflops: float | None = None  # image runs: cumulative training compute, 3 x fwd_gflops x images seen
+
+
+def forward_gflops(cfg: Config) -> float | None:
+    """Forward Gflops of one image of cfg's model, counted on the meta device (`models/flops.py`).
+
+    Every global RNG (torch, CUDA, numpy, Python) is restored afterwards, so counting leaves the
+    run bit-identical. A model the counter cannot trace gets None (a warning; training goes on).
+    """
+    saved = rng_state()
+    try:
+        return float(measure_flops(cfg)["gflops"])
+    except Exception as e:
+        warnings.warn(f"training compute not counted: {type(e).__name__}: {e}", stacklevel=2)
+        return None
+    finally:
+        set_rng_state(saved)
 
 
 class Trainer:
@@ -99,6 +119,11 @@ class Trainer:
         self.raw = model  # the unwrapped module (its parameters are FSDP views under FSDP)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
         self.step = 0
+        # Training compute in the DiT paper's convention: train_gflops = 3 x forward Gflops per image
+        # x images seen (global batch x steps; a backward pass costs about two forward passes).
+        # Image runs only: a byte LM counts none (None).
+        self.fwd_gflops = None if self.lm else forward_gflops(cfg)
+        self.train_gflops = None if self.fwd_gflops is None else 0.0
         if resume_from is not None:
             self._load(Path(resume_from))
         self.forward_model = torch.compile(self.model) if t.compile else self.model
@@ -114,7 +139,8 @@ class Trainer:
         model_sd, ema_sd, optim_sd = self._state_dicts()
         state = {"step": self.step, "optimizer": optim_sd, "ema_updates": self.ema.num_updates,
                  "data": self.order.position(self.step), "rng": rng_state(), "world_size": self.env.world_size,
-                 "objective": self.objective.state_dict()}
+                 "objective": self.objective.state_dict(), "fwd_gflops": self.fwd_gflops,
+                 "train_gflops": self.train_gflops}
         return D.on_main(lambda: ckpt.save_checkpoint(self.run_dir, self.step, model_sd, ema_sd, state, self.cfg,
                                                       keep_last=self.cfg.train.keep_last), self.env)
 
@@ -126,6 +152,10 @@ class Trainer:
                                 state["optimizer"], str(step_dir))
         self.step = int(state["step"])
         self.ema.num_updates = int(state["ema_updates"])
+        if self.train_gflops is not None:  # checkpoints of older versions lack it: as if at the current batch
+            saved = state.get("train_gflops")
+            self.train_gflops = float(saved) if saved is not None else \
+                3 * self.fwd_gflops * self.cfg.optim.batch_size * self.step
         objective_state = state.get("objective")
         if objective_state is None and (step_dir / "config.yaml").is_file():
             # Checkpoints of older versions kept a flow's measured data std in their config instead.
@@ -210,6 +240,8 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.ema.update(self.model if t.fsdp else self.raw)
                 self.step += 1
+                if self.train_gflops is not None:
+                    self.train_gflops += 3 * self.fwd_gflops * cfg.optim.batch_size
                 last_loss = logged["loss"]
                 if grad_norm is not None:
                     logged["grad_norm"] = grad_norm
@@ -218,6 +250,8 @@ class Trainer:
                 if self.step % t.log_every == 0 or self.step == t.steps:
                     row = window.flush(per_step, unit)
                     row.update(lr=self.lr_at(self.step - 1), elapsed_s=time.time() - t0)
+                    if self.train_gflops is not None:
+                        row["train_gflops"] = self.train_gflops
                     if logger:
                         logger.log(self.step, row)
                         if t.progress and not tty:
@@ -244,7 +278,8 @@ class Trainer:
         elapsed = time.time() - t0
         per_s = (self.step - start_step) * cfg.optim.batch_size / max(elapsed, 1e-9)
         return TrainResult(self.run_dir, self.step, stopped, elapsed, per_s, last_loss, path,
-                           bytes_per_s=per_s * cfg.model.lm_seq_len if self.lm else None, signal=stop_signal)
+                           bytes_per_s=per_s * cfg.model.lm_seq_len if self.lm else None, signal=stop_signal,
+                           fwd_gflops=self.fwd_gflops, train_gflops=self.train_gflops)
 
     # ---- samples ------------------------------------------------------------------------------
 

@@ -1,0 +1,289 @@
+"""Findings' pages: per finding `report.md`, `results.json`, curves, loss curves and sample grids,
+and `REPORT.md` over all of them, assembled from the units' results files (see `suite`).
+
+Each expectation of a finding becomes a verdict from the statistics (`stats`): per arm the
+per-seed values at the stated point of training, the sampling variance of each value as a floor
+under the seed spread, a Welch interval of the difference. A finding reproduces when all its
+expectations do (`verdict: any`: when one reading does), contradicts when one contradicts (`any`:
+when all do), and is otherwise inconclusive; `pending` until every arm has its results.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from scipy import stats as st
+
+from ditlab.experiments.specs import METRICS, Finding, Profile, split_point
+from ditlab.experiments.stats import arm_stats, combine, verdict
+from ditlab.experiments.suite import ArmRun, Unit, point_step, read_record
+from ditlab.io import save_text
+
+METRIC_NAMES = {"acc": "class accuracy", "fid": "FID (evaluator features)", "psnr": "tokenizer PSNR (dB)"}
+
+
+def _arm_values(finding: Finding, arm_runs: list[ArmRun], units: dict[str, Unit], out: Path) -> dict:
+    """{arm: {"seeds": {seed: {"points": {step: metrics}, "train": {...}, "psnr": (value, var)}}, "unit": Unit}}"""
+    arms: dict[str, dict] = {}
+    for ar in arm_runs:
+        if ar.finding != finding.id:
+            continue
+        unit = units[ar.unit]
+        entry = arms.setdefault(ar.arm, {"seeds": {}, "unit": unit, "eval": unit.evals[ar.eval]})
+        record = read_record(out, ar.unit) or {}
+        seed = {"points": {int(p): m for p, m in record.get("evals", {}).get(ar.eval, {}).get("points", {}).items()},
+                "train": record.get("train"), "unit": ar.unit, "eval": ar.eval}
+        tok = read_record(out, ar.tokenizer) if ar.tokenizer else None
+        if tok:
+            seed["psnr"] = (tok["psnr"], tok["psnr_var"])
+        entry["seeds"][ar.seed] = seed
+    return arms
+
+
+def _values(arm: dict, metric: str, step: int | None) -> tuple[list[float], list[float]] | None:
+    """Per-seed values and sampling variances of a metric at a step; None while any is missing."""
+    vals, vars_ = [], []
+    for seed in arm["seeds"].values():
+        if metric == "psnr":
+            if "psnr" not in seed:
+                return None
+            v, var = seed["psnr"]
+        else:
+            m = seed["points"].get(step)
+            if m is None:
+                return None
+            v, var = m[metric], m[f"{metric}_var"]
+        vals.append(v)
+        vars_.append(var)
+    return (vals, vars_) if vals else None
+
+
+def _interval(values: list[float], variances: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Mean and half-width of its confidence interval (seed spread floored by sampling variance)."""
+    s = arm_stats(values, variances)
+    q = st.t.ppf(0.5 + confidence / 2, s.n - 1) if s.n > 1 else st.norm.ppf(0.5 + confidence / 2)
+    return s.mean, float(q * s.se)
+
+
+def judge(finding: Finding, profile: Profile, arms: dict) -> tuple[str, list[dict]]:
+    """The finding's verdict and each expectation's result."""
+    results = []
+    for e in finding.expectations_for(profile.name):
+        higher = METRICS[e.metric]
+        stats_by_name, pending = {}, []
+        for name in e.arms:
+            arm, frac = split_point(name)
+            step = point_step(arms[arm]["unit"].cfg.train.steps, frac)
+            got = _values(arms[arm], e.metric, step)
+            if got is None:
+                pending.append(name)
+            else:
+                stats_by_name[name] = arm_stats(*got)
+        result = {"metric": e.metric, "claim": e.claim, "arms": e.arms, "higher_is_better": higher}
+        if pending:
+            result.update(verdict="pending", pending=pending)
+        else:
+            margin = e.margin
+            if e.relative_margin is not None:
+                margin = e.relative_margin * abs(stats_by_name[e.arms[-1]].mean)
+            v = verdict(e.claim, stats_by_name, e.arms, higher_is_better=higher, margin=margin)
+            result.update(v.as_dict())
+            result["arm_values"] = {n: s.values for n, s in stats_by_name.items()}
+        results.append(result)
+    parts = [r["verdict"] for r in results]
+    if "pending" in parts:
+        overall = "pending"
+    elif finding.verdict == "any":
+        overall = ("reproduces" if "reproduces" in parts else
+                   "contradicts" if all(p == "contradicts" for p in parts) else "inconclusive")
+    else:
+        overall = combine(parts)
+    return overall, results
+
+
+def _statement(r: dict) -> str:
+    sign = " > " if r["claim"] in ("better", "ordering") else " ≈ " if r["claim"] == "equivalent" else " ≥ "
+    return sign.join(r["arms"])
+
+
+def _effects_text(r: dict) -> str:
+    if r["verdict"] == "pending":
+        return f"waiting for {', '.join(r['pending'])}"
+    parts = [f"{e['a']} vs {e['b']}: {e['estimate']:+.3g} [{e['low']:+.3g}, {e['high']:+.3g}]" for e in r["effects"]]
+    margin = f" (margin ±{r['margin']:.3g})" if r.get("margin") is not None else ""
+    return "; ".join(parts) + margin
+
+
+def _plot(finding: Finding, arms: dict, folder: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    metrics = [m for m in ("acc", "fid") if any(s["points"] for a in arms.values() for s in a["seeds"].values())]
+    if metrics:
+        fig, axes = plt.subplots(2, len(metrics), figsize=(5.5 * len(metrics), 7.5), squeeze=False)
+        for name, arm in arms.items():
+            unit = arm["unit"]
+            steps = [p for p in unit.points if _values(arm, "acc", p) is not None]
+            if not steps:
+                continue
+            cfg, train = unit.cfg, next(iter(arm["seeds"].values()))["train"] or {}
+            epochs = [p * cfg.optim.batch_size / unit.dataset_images for p in steps]
+            gflops = [3 * train.get("fwd_gflops", float("nan")) * p * cfg.optim.batch_size for p in steps]
+            for col, metric in enumerate(metrics):
+                mean, half = zip(*[_interval(*_values(arm, metric, p)) for p in steps])
+                for row, x in enumerate((epochs, gflops)):
+                    ax = axes[row][col]
+                    line, = ax.plot(x, mean, marker="o", label=name)
+                    ax.fill_between(x, np.subtract(mean, half), np.add(mean, half), color=line.get_color(), alpha=0.2)
+        for col, metric in enumerate(metrics):
+            axes[0][col].set(xlabel="epochs", ylabel=METRIC_NAMES[metric])
+            axes[1][col].set(xlabel="training Gflops (3 x forward x images)", ylabel=METRIC_NAMES[metric], xscale="log")
+            if metric == "fid":
+                for row in (0, 1):
+                    axes[row][col].set_yscale("log")
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(f"Finding {finding.id}: {finding.title} (mean ± 95% CI over seeds)", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(folder / "curves.png", dpi=90)
+        plt.close(fig)
+        written.append("curves.png")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    shown = set()
+    for name, arm in arms.items():
+        units = tuple(sorted(s["unit"] for s in arm["seeds"].values()))
+        losses = [s["train"]["loss"] for s in arm["seeds"].values() if s["train"] and s["train"].get("loss")]
+        if units in shown or not losses or len(losses) != len(arm["seeds"]):
+            continue
+        shown.add(units)
+        n = min(len(x) for x in losses)
+        steps = [row[0] for row in losses[0][:n]]
+        ax.plot(steps, np.mean([[row[1] for row in x[:n]] for x in losses], axis=0), label=name)
+    if shown:
+        ax.set(xlabel="training step", ylabel="training loss (mean over seeds)", yscale="log")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(folder / "loss.png", dpi=90)
+        written.append("loss.png")
+    plt.close(fig)
+    return written
+
+
+def _fmt(arm: dict, metric: str, step: int | None) -> str:
+    got = _values(arm, metric, step)
+    if got is None:
+        return "—"
+    mean, half = _interval(*got)
+    digits = 3 if metric == "acc" else 2
+    return f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def write_finding(finding: Finding, profile: Profile, arm_runs: list[ArmRun], units: dict[str, Unit], out: Path,
+                  reference: dict | None = None) -> dict:
+    """Write OUT/<id>/{report.md, results.json, curves.png, loss.png, grid_<arm>.png}; returns the summary."""
+    folder = out / f"finding_{finding.id}"
+    folder.mkdir(parents=True, exist_ok=True)
+    arms = _arm_values(finding, arm_runs, units, out)
+    overall, results = judge(finding, profile, arms)
+    any_unit = next(iter(arms.values()))["unit"]
+    steps = any_unit.cfg.train.steps
+    seeds = max(len(a["seeds"]) for a in arms.values())
+    figures = _plot(finding, arms, folder)
+    grids = {}
+    for name, arm in arms.items():
+        first = arm["seeds"].get(0)
+        src = out / "units" / first["unit"] / f"{first['eval']}.png" if first else None
+        if src is not None and src.is_file():
+            shutil.copyfile(src, folder / f"grid_{name}.png")
+            grids[name] = f"grid_{name}.png"
+    fracs = sorted({f for e in finding.expectations_for(profile.name) for _, f in e.arm_points()} | {1.0})
+    ev = profile.eval
+    lines = [f"# Finding {finding.id}: {finding.title}", "", f"> {finding.claim}", "", f"Source: {finding.source}.", "",
+             f"**Verdict: {overall}** (profile `{profile.name}`, {seeds} seed{'s' * (seeds > 1)}, "
+             f"recipe `{finding.recipe}`).", ""]
+    if finding.note:
+        lines += [finding.note, ""]
+    lines += ["## Expectations", "", "| statement | metric | at | effect [95% CI] (positive = as claimed) | verdict |", "|---|---|---|---|---|"]
+    for r in results:
+        at = ", ".join(sorted({f"{split_point(a)[1]:g} of budget" for a in r["arms"]}))
+        lines.append(f"| {_statement(r)} ({r['claim']}) | {r['metric']} ({'higher' if r['higher_is_better'] else 'lower'} is better) "
+                     f"| {at} | {_effects_text(r)} | **{r['verdict']}** |")
+    head = ["arm", "overrides"]
+    for f in fracs:
+        head += [f"acc @{f:g}", f"FID @{f:g}"]
+    has_psnr = any("psnr" in s for a in arms.values() for s in a["seeds"].values())
+    head += (["PSNR"] if has_psnr else []) + ["params", "fwd Gflops", "img/s", "seeds done"]
+    lines += ["", "## Arms (mean ± 95% CI over seeds)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    arm_rows = {}
+    for name, arm in arms.items():
+        unit = arm["unit"]
+        overrides = ", ".join(f"`{k}={v}`" for k, v in finding.arms_for(profile.name)[name].items()) or "(recipe)"
+        row = [name, overrides]
+        for f in fracs:
+            step = point_step(unit.cfg.train.steps, f)
+            row += [_fmt(arm, "acc", step), _fmt(arm, "fid", step)]
+        trains = [s["train"] for s in arm["seeds"].values() if s["train"]]
+        done = sum(1 for s in arm["seeds"].values() if s["points"].get(unit.points[-1]))
+        if has_psnr:
+            row.append(_fmt(arm, "psnr", None))
+        row += [f"{trains[0]['params'] / 1e6:.2f} M" if trains else "—", f"{trains[0]['fwd_gflops']:.4f}" if trains else "—",
+                f"{np.median([t['img_per_s'] for t in trains]):.0f}" if trains else "—", f"{done}/{len(arm['seeds'])}"]
+        lines.append("| " + " | ".join(row) + " |")
+        arm_rows[name] = {"overrides": finding.arms_for(profile.name)[name], "sampling": arm["eval"],
+                          "seeds": {str(k): {"unit": s["unit"], "points": s["points"], "psnr": s.get("psnr"),
+                                             "train": {k2: v for k2, v in (s["train"] or {}).items() if k2 != "loss"}}
+                                    for k, s in arm["seeds"].items()}}
+    cfg = any_unit.cfg
+    lines += ["", "## Setup", "",
+              f"- Budget: {steps} steps of batch {cfg.optim.batch_size} on `{cfg.data.source}` "
+              f"({steps * cfg.optim.batch_size / any_unit.dataset_images:.2f} epochs), AdamW lr {cfg.optim.lr:g}, "
+              f"warm-up {cfg.optim.warmup_steps}, grad clip {cfg.optim.grad_clip}, EMA {cfg.train.ema_decay} (warm-up {cfg.train.ema_warmup}).",
+              f"- Evaluation at {', '.join(f'{p:g}' for p in ev['points'])} of the budget, EMA weights: {ev['samples']} class-conditional "
+              f"samples (labels cycled 0-9) with the objective's fixed sampler (ddim / euler / shortcut; steps {ev['steps']}), "
+              f"guidance {ev['cfg_scale']:g} unless the arm sets `sample.*`; class accuracy by ditlab's MNIST evaluator CNN; "
+              f"FID of its 128-d features against {ev['reference']} real test images."
+              + (f" Real-data floor at this sample count: FID {reference['fid']:.2f}." if reference else ""),
+              "- Intervals: per arm the seed spread, floored by each value's sampling variance (binomial for accuracy, "
+              "bootstrap over samples for FID); differences by Welch t-intervals (`ditlab.experiments.stats`).",
+              f"- Regenerate: `ditlab reproduce {finding.id} --profile {profile.name} --seeds {seeds}`.", ""]
+    for fig in figures:
+        lines += [f"![{fig}]({fig})", ""]
+    if grids:
+        lines += ["## Samples (first seed, end of training; one row per class)", "",
+                  "| " + " | ".join(grids) + " |", "|" + "---|" * len(grids),
+                  "| " + " | ".join(f"![{name}]({path})" for name, path in grids.items()) + " |", ""]
+    save_text(folder / "report.md", "\n".join(lines))
+    summary = {"id": finding.id, "title": finding.title, "claim": finding.claim, "source": finding.source,
+               "profile": profile.name, "seeds": seeds, "steps": steps, "batch_size": cfg.optim.batch_size,
+               "data": cfg.data.source, "epochs": steps * cfg.optim.batch_size / any_unit.dataset_images, "verdict": overall, "expectations": results, "arms": arm_rows,
+               "evaluation": ev, "reference": reference}
+    save_text(folder / "results.json", json.dumps(summary, indent=1, default=float) + "\n")
+    return summary
+
+
+def write_index(summaries: list[dict], out: Path, profile: Profile) -> Path:
+    """OUT/REPORT.md: one row per finding."""
+    counts = defaultdict(int)
+    for s in summaries:
+        counts[s["verdict"]] += 1
+    lines = [f"# ditlab findings: profile `{profile.name}`", "",
+             "Each claim of the research notes run as an experiment (`ditlab reproduce`), with the verdict from "
+             "the statistics: **reproduces** (every stated comparison holds at 95% confidence), **contradicts** "
+             "(a comparison goes significantly the other way), **inconclusive** (the intervals cannot tell), "
+             "**pending** (arms still running).", "",
+             "Totals: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".", "",
+             "| finding | claim | measurement (effect [95% CI], positive = as claimed) | seeds | budget | verdict |",
+             "|---|---|---|---|---|---|"]
+    for s in summaries:
+        measured = "<br>".join(f"{r['metric']} {_statement(r)}: {_effects_text(r)} → {r['verdict']}" for r in s["expectations"])
+        lines.append(f"| [{s['id']}](finding_{s['id']}/report.md) | {s['claim']} | {measured} | {s['seeds']} | "
+                     f"{s['steps']} steps ({s['epochs']:.2g} ep) | **{s['verdict']}** |")
+    lines += ["", f"Regenerate: `ditlab reproduce --profile {profile.name}` then `ditlab report --out {out}`.", ""]
+    return save_text(out / "REPORT.md", "\n".join(lines))
+

@@ -1,0 +1,259 @@
+"""Findings as data: the YAML specs in `experiments/findings/`, read and checked.
+
+A finding (`findings/fNN_*.yaml`) names a claim, the recipe its arms start from, the arms (a name
+and config overrides each), and what it expects as testable statements over a metric:
+
+    expect:
+      - {metric: fid, claim: ordering, arms: [d6, d4, d2]}                       # d6 > d4 > d2
+      - {metric: fid, claim: equivalent, arms: [a, b], relative_margin: 0.15}     # |a - b| < 15% of b
+      - {metric: fid, claim: noninferior, arms: ["flow@0.5", ddpm], relative_margin: 0.1}
+
+`arm@f` is the arm evaluated at fraction f of its budget (default: the end). An override is a
+config field (`model.depth`), a sampling setting (`sample.cfg_scale`: arms that differ only there
+share one trained model), or a tokenizer setting (`tokenizer.kind`, `tokenizer.token_dim`: the
+arm first trains that tokenizer, then its DiT on the tokens). `suite.yaml` holds the recipes and
+the profiles (smoke | cpu | gpu): budget, seeds, shared config and the evaluation protocol.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ditlab.codecs.tokenizers import TOKENIZER_KINDS
+from ditlab.config import Config, config_from_dict, validate
+from ditlab.errors import DitlabError
+from ditlab.experiments.stats import CLAIMS
+from ditlab.models import build_model
+
+FINDINGS_DIR = Path(str(resources.files("ditlab") / "experiments" / "findings"))
+PROFILES = ("smoke", "cpu", "gpu")
+# metric -> higher is better
+METRICS = {"acc": True, "fid": False, "psnr": True}
+TOKENIZER_KEYS = ("kind", "token_dim", "hidden")
+SAMPLERS = {"gaussian": "ddim", "flow": "euler", "shortcut": "shortcut"}  # the fixed sampler per objective
+
+
+@dataclass
+class Expectation:
+    metric: str
+    claim: str
+    arms: list[str]  # names, each optionally "name@fraction"
+    margin: float | None = None
+    relative_margin: float | None = None
+    profiles: list[str] | None = None  # None: every profile
+
+    def arm_points(self) -> list[tuple[str, float]]:
+        return [split_point(a) for a in self.arms]
+
+
+@dataclass
+class Profile:
+    name: str
+    seeds: int
+    budget: dict[str, float]  # {"epochs": e} or {"steps": n}
+    config: dict[str, Any]
+    recipe_config: dict[str, dict[str, Any]]  # recipe -> overrides in this profile
+    tokenizer: dict[str, int]  # steps, batch_size
+    eval: dict[str, Any]  # samples, reference, points, cfg_scale, steps {objective: n}
+
+
+@dataclass
+class Finding:
+    id: str
+    title: str
+    claim: str
+    source: str
+    recipe: str
+    arms: dict[str, dict[str, Any]]
+    expect: list[Expectation]
+    note: str = ""
+    verdict: str = "all"  # all: every expectation must hold | any: the claim holds for some reading
+    budget_scale: float = 1.0
+    profile_arms: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    profile_config: dict[str, dict[str, Any]] = field(default_factory=dict)
+    path: Path | None = None
+
+    def arms_for(self, profile: str) -> dict[str, dict[str, Any]]:
+        return {**self.arms, **self.profile_arms.get(profile, {})}
+
+    def expectations_for(self, profile: str) -> list[Expectation]:
+        return [e for e in self.expect if e.profiles is None or profile in e.profiles]
+
+
+def split_point(name: str) -> tuple[str, float]:
+    """"arm@0.5" -> ("arm", 0.5); "arm" -> ("arm", 1.0)."""
+    if "@" not in name:
+        return name, 1.0
+    arm, _, frac = name.partition("@")
+    try:
+        f = float(frac)
+    except ValueError:
+        raise DitlabError(f"'{name}': the part after @ must be a fraction of the budget") from None
+    return arm, f
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise DitlabError(f"cannot read finding spec {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise DitlabError(f"finding spec {path} must be a mapping")
+    return data
+
+
+def _only(data: dict, allowed: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise DitlabError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(allowed)})")
+
+
+def load_suite(findings_dir: Path | None = None) -> tuple[dict[str, dict], dict[str, Profile]]:
+    """(recipes, profiles) of suite.yaml in findings_dir, else the packaged one."""
+    path = (findings_dir or FINDINGS_DIR) / "suite.yaml"
+    if not path.is_file():
+        path = FINDINGS_DIR / "suite.yaml"
+    data = _read(path)
+    _only(data, ("recipes", "profiles"), str(path))
+    profiles = {}
+    for name, p in data["profiles"].items():
+        _only(p, ("seeds", "budget", "config", "recipes", "tokenizer", "eval"), f"{path}: profile {name}")
+        profiles[name] = Profile(name, int(p["seeds"]), dict(p["budget"]), dict(p.get("config") or {}),
+                                 {k: dict(v) for k, v in (p.get("recipes") or {}).items()},
+                                 dict(p.get("tokenizer") or {}), dict(p["eval"]))
+    return dict(data["recipes"]), profiles
+
+
+def parse_finding(data: dict, path: Path | None = None) -> Finding:
+    where = f"finding spec {path}" if path else "finding spec"
+    _only(data, ("id", "title", "claim", "source", "recipe", "arms", "expect", "note", "verdict", "budget_scale",
+                 "profiles"), where)
+    missing = [k for k in ("id", "title", "claim", "source", "recipe", "arms", "expect") if k not in data]
+    if missing:
+        raise DitlabError(f"{where}: missing {', '.join(missing)}")
+    expect = []
+    for e in data["expect"]:
+        _only(e, ("metric", "claim", "arms", "margin", "relative_margin", "profiles"), f"{where}: expect")
+        expect.append(Expectation(e["metric"], e["claim"], [str(a) for a in e["arms"]], e.get("margin"),
+                                  e.get("relative_margin"), e.get("profiles")))
+    profile_arms, profile_config = {}, {}
+    for name, p in (data.get("profiles") or {}).items():
+        _only(p, ("arms", "config"), f"{where}: profiles.{name}")
+        profile_arms[name] = {str(k): dict(v or {}) for k, v in (p.get("arms") or {}).items()}
+        profile_config[name] = dict(p.get("config") or {})
+    return Finding(str(data["id"]), data["title"], data["claim"], data["source"], data["recipe"],
+                   {str(k): dict(v or {}) for k, v in data["arms"].items()}, expect, data.get("note", ""),
+                   data.get("verdict", "all"), float(data.get("budget_scale", 1.0)), profile_arms, profile_config, path)
+
+
+def load_findings(findings_dir: Path | None = None) -> dict[str, Finding]:
+    """Every finding spec, by id, in file order."""
+    folder = findings_dir or FINDINGS_DIR
+    if not folder.is_dir():
+        raise DitlabError(f"findings folder not found: {folder}")
+    found: dict[str, Finding] = {}
+    for path in sorted(folder.glob("f*.yaml")):
+        f = parse_finding(_read(path), path)
+        if f.id in found:
+            raise DitlabError(f"finding id {f.id} is used by {found[f.id].path} and {path}")
+        found[f.id] = f
+    return found
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"model.depth": 2} -> {"model": {"depth": 2}}."""
+    nested: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        node = nested
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def split_tokenizer(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config overrides, tokenizer settings) of an arm."""
+    tok = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("tokenizer.")}
+    return {k: v for k, v in overrides.items() if not k.startswith("tokenizer.")}, tok
+
+
+def arm_config(finding: Finding, arm: str, profile: Profile, recipes: dict[str, dict]) -> tuple[Config, dict[str, Any]]:
+    """The validated config of an arm in a profile (budget, seed and paths not yet set), and its
+    tokenizer settings ({} for none)."""
+    overrides, tok = split_tokenizer(finding.arms_for(profile.name)[arm])
+    flat = {**recipes[finding.recipe], **profile.config, **profile.recipe_config.get(finding.recipe, {}),
+            **finding.profile_config.get(profile.name, {}), **overrides}
+    where = f"finding {finding.id}, arm {arm}"
+    try:
+        cfg = config_from_dict(nest(flat))
+        if tok:
+            _only(tok, TOKENIZER_KEYS, f"{where}: tokenizer")
+            kind = tok.get("kind")
+            if kind not in TOKENIZER_KINDS or tok.get("token_dim") not in TOKENIZER_KINDS[kind][1]:
+                raise DitlabError(f"tokenizer {kind} with token_dim {tok.get('token_dim')} is not offered "
+                                  f"(kinds: {', '.join(f'{k} {v[1]}' for k, v in TOKENIZER_KINDS.items())})")
+            down = TOKENIZER_KINDS[kind][0]
+            cfg.model.in_channels, cfg.model.input_size = int(tok["token_dim"]), cfg.data.image_size // down
+        return validate(cfg), tok
+    except DitlabError as e:
+        raise DitlabError(f"{where}: {e}") from None
+
+
+def check_finding(finding: Finding, recipes: dict[str, dict], profiles: dict[str, Profile]) -> None:
+    """Every arm builds a valid config in every profile; every expectation names real arms and metrics."""
+    if finding.recipe not in recipes:
+        raise DitlabError(f"finding {finding.id}: unknown recipe '{finding.recipe}' (known: {', '.join(recipes)})")
+    if finding.verdict not in ("all", "any"):
+        raise DitlabError(f"finding {finding.id}: verdict must be 'all' or 'any', not '{finding.verdict}'")
+    if not finding.budget_scale > 0:
+        raise DitlabError(f"finding {finding.id}: budget_scale must be positive")
+    for name in finding.profile_arms:
+        if name not in profiles:
+            raise DitlabError(f"finding {finding.id}: unknown profile '{name}'")
+    for profile in profiles.values():
+        for arm in finding.arms_for(profile.name):
+            cfg, _ = arm_config(finding, arm, profile, recipes)
+            try:  # the model's own checks (e.g. a U-Net given DiT sizes), without allocating it
+                with torch.device("meta"):
+                    build_model(cfg)
+            except DitlabError as e:
+                raise DitlabError(f"finding {finding.id}, arm {arm}, profile {profile.name}: {e}") from None
+    for e in finding.expect:
+        where = f"finding {finding.id}: expectation {e.claim} {e.arms}"
+        if e.metric not in METRICS:
+            raise DitlabError(f"{where}: unknown metric '{e.metric}' (known: {', '.join(METRICS)})")
+        if e.claim not in CLAIMS:
+            raise DitlabError(f"{where}: unknown claim '{e.claim}' (known: {', '.join(CLAIMS)})")
+        if e.claim in ("equivalent", "noninferior") and (e.margin is None) == (e.relative_margin is None):
+            raise DitlabError(f"{where}: give exactly one of margin and relative_margin")
+        for name in e.profiles or []:
+            if name not in profiles:
+                raise DitlabError(f"{where}: unknown profile '{name}'")
+        for profile in profiles.values():
+            if e.profiles is not None and profile.name not in e.profiles:
+                continue
+            arms = finding.arms_for(profile.name)
+            for arm, frac in e.arm_points():
+                if arm not in arms:
+                    raise DitlabError(f"{where}: no arm '{arm}' in profile {profile.name}")
+                if not any(math.isclose(frac, p) for p in profile.eval["points"]):
+                    raise DitlabError(f"{where}: {frac} is not an evaluated point of profile {profile.name} "
+                                      f"({profile.eval['points']})")
+                if e.metric == "psnr" and not split_tokenizer(arms[arm])[1]:
+                    raise DitlabError(f"{where}: psnr needs arms that train a tokenizer; '{arm}' does not")
+
+
+def select(findings: dict[str, Finding], ids: list[str]) -> list[Finding]:
+    """The findings named by ids (all when empty); an unknown id is an error."""
+    unknown = [i for i in ids if i not in findings]
+    if unknown:
+        raise DitlabError(f"unknown finding id(s) {', '.join(unknown)} (known: {', '.join(findings)})")
+    return [findings[i] for i in ids] if ids else list(findings.values())

@@ -1,0 +1,323 @@
+"""Running the findings: arms x seeds become training units, trained once and scored at fixed points.
+
+A *unit* is one training run: an arm's config without its sampling settings, at one seed. Arms
+that differ only in sampling (a guidance sweep, a shortcut model sampled with 1..128 steps) and
+arms that several findings share (the baseline DiT) are one unit, trained once. A unit's key is a
+hash of everything that affects its training, so a changed recipe never reuses a stale result.
+
+    OUT/units/<key>.json       the unit's results: config, training summary, loss curve, and the
+                               metrics of every evaluation (small; committed with the reports)
+    OUT/units/<key>/<eval>.png one sample grid per evaluation setting (first seed only)
+    OUT/runs/<key>/            the run folder (checkpoints; ignored by git, pruned after scoring)
+
+A unit whose results file holds its training and every evaluation it needs is skipped, so a
+suite resumes from committed results on a fresh machine. A killed unit resumes from its last
+checkpoint (the trainer's exact resume); its run folder is locked against a second process.
+Every checkpoint at the profile's evaluation points (fractions of the budget) is scored with the
+EMA weights: class accuracy of class-conditional samples (binomial sampling variance) and the
+evaluator-feature FID against real test images (sampling variance by bootstrap over the samples).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ditlab.codecs.tokenizers import FILE_NAME, ConvTokenizer, psnr, save_tokenizer
+from ditlab.config import Config, config_to_dict
+from ditlab.data import build_dataset
+from ditlab.errors import DitlabError
+from ditlab.eval.classifier import classifier_outputs, load_classifier
+from ditlab.eval.fid import fid_from_features
+from ditlab.eval.flops import measure
+from ditlab.experiments.specs import SAMPLERS, Finding, Profile, arm_config
+from ditlab.io import save_grid, write_atomic
+from ditlab.runs import latest_checkpoint, load_run, lock_run_dir, release_run_dir, step_dir_name
+from ditlab.sampling import generate
+from ditlab.train.tokenizer import load_images, train_tokenizer
+from ditlab.train.trainer import Trainer
+
+BOOTSTRAP = 20  # resamples for the FID's sampling variance
+GRID = 100  # samples in an evaluation's grid (10 per class)
+
+
+def digest(value: Any, n: int = 10) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:n]
+
+
+@dataclass
+class Unit:
+    key: str
+    cfg: Config  # complete: budget, seed and run folder set
+    first_seed: bool  # its sample grids are kept
+    tokenizer: dict[str, Any] | None  # settings incl. steps, batch_size, seed, key
+    points: list[int]  # training steps whose checkpoints are scored
+    dataset_images: int  # images per epoch
+    evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # eval key -> sampling settings
+
+
+@dataclass
+class ArmRun:
+    """Where one arm's result at one seed lives: its unit and evaluation setting."""
+
+    finding: str
+    arm: str
+    seed: int
+    unit: str
+    eval: str
+    tokenizer: str | None
+
+
+def eval_steps(steps: int, fractions: list[float]) -> list[int]:
+    return sorted({max(1, round(f * steps)) for f in fractions})
+
+
+def point_step(steps: int, fraction: float) -> int:
+    return max(1, round(fraction * steps))
+
+
+_SIZES: dict[tuple, int] = {}
+
+
+def dataset_size(cfg: Config) -> int:
+    key = (cfg.data.source, cfg.data.path, cfg.data.split)
+    if key not in _SIZES:
+        _SIZES[key] = len(build_dataset(cfg))
+    return _SIZES[key]
+
+
+def budget_steps(cfg: Config, profile: Profile, scale: float) -> int:
+    b = profile.budget
+    if "steps" in b:
+        return max(1, round(b["steps"] * scale))
+    return max(1, math.ceil(b["epochs"] * scale * dataset_size(cfg) / cfg.optim.batch_size))
+
+
+def sampling_settings(cfg: Config, overrides: dict[str, Any], profile: Profile, seed: int) -> dict[str, Any]:
+    """The fixed evaluation protocol of the profile, with the arm's own sample.* settings."""
+    ev, kind = profile.eval, cfg.objective.kind
+    return {
+        "sampler": overrides.get("sample.sampler", SAMPLERS[kind]),
+        "steps": int(overrides.get("sample.steps", ev["steps"][kind])),
+        "cfg_scale": float(overrides.get("sample.cfg_scale", ev["cfg_scale"])),
+        "guidance_interval": overrides.get("sample.guidance_interval"),
+        "samples": int(ev["samples"]),
+        "seed": seed,
+    }
+
+
+def training_identity(cfg: Config, tokenizer: dict | None) -> dict:
+    """What determines a unit's training: the config without sampling settings or local paths."""
+    d = config_to_dict(cfg)
+    d.pop("sample")
+    d["train"] = {k: v for k, v in d["train"].items() if k not in ("out_dir", "progress", "tensorboard")}
+    d["vae"]["path"] = f"tokenizer:{tokenizer['key']}" if tokenizer else d["vae"]["path"]
+    d["data"]["path"] = None  # where this machine keeps the dataset is not part of the experiment
+    return {"config": d, "tokenizer": tokenizer}
+
+
+def plan(findings: list[Finding], profile: Profile, recipes: dict, seeds: int, out: Path,
+         data_path: str | None = None) -> tuple[dict[str, Unit], list[ArmRun]]:
+    """The units to run (deduplicated by key) and where each arm x seed finds its results."""
+    units: dict[str, Unit] = {}
+    arm_runs: list[ArmRun] = []
+    for finding in findings:
+        for arm, overrides in finding.arms_for(profile.name).items():
+            for s in range(seeds):
+                cfg, tok = arm_config(finding, arm, profile, recipes)
+                if data_path is not None and cfg.data.source != "mnist-embedded":
+                    cfg.data.path = data_path
+                steps = budget_steps(cfg, profile, finding.budget_scale)
+                points = eval_steps(steps, profile.eval["points"])
+                t = cfg.train
+                t.seed, t.steps = s, steps
+                t.ckpt_every = math.gcd(*points)
+                t.keep_last = steps // t.ckpt_every + 1
+                t.log_every = max(1, steps // 50)
+                t.sample_every, t.tensorboard, t.progress = 0, False, False
+                tokenizer = None
+                if tok:
+                    tokenizer = {"kind": tok["kind"], "token_dim": int(tok["token_dim"]), "hidden": int(tok.get("hidden", 64)),
+                                 "steps": int(profile.tokenizer["steps"]), "batch_size": int(profile.tokenizer["batch_size"]),
+                                 "seed": s, "data": cfg.data.source}
+                    tokenizer["key"] = "tok-" + digest(tokenizer)
+                    cfg.vae.path = str(out / "runs" / tokenizer["key"] / FILE_NAME)
+                key = f"{cfg.objective.kind}-{digest(training_identity(cfg, tokenizer))}"
+                t.out_dir = str(out / "runs" / key)
+                unit = units.setdefault(key, Unit(key, cfg, s == 0, tokenizer, points, dataset_size(cfg)))
+                settings = sampling_settings(cfg, overrides, profile, s)
+                ekey = digest(settings, 8)
+                unit.evals[ekey] = settings
+                arm_runs.append(ArmRun(finding.id, arm, s, key, ekey, tokenizer["key"] if tokenizer else None))
+    return units, arm_runs
+
+
+# ---- results files ----------------------------------------------------------------------------
+
+
+def record_path(out: Path, key: str) -> Path:
+    return out / "units" / f"{key}.json"
+
+
+def read_record(out: Path, key: str) -> dict | None:
+    path = record_path(out, key)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DitlabError(f"results file {path} is unreadable ({e}); delete it to rerun that unit") from None
+
+
+def write_record(out: Path, key: str, record: dict) -> None:
+    path = record_path(out, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, (json.dumps(record, indent=1) + "\n").encode())
+
+
+def needs_work(unit: Unit, record: dict | None) -> bool:
+    if record is None or not record.get("train"):
+        return True
+    done = record.get("evals", {})
+    return any(str(p) not in done.get(k, {}).get("points", {}) for k in unit.evals for p in unit.points)
+
+
+# ---- scoring ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Scorer:
+    """The evaluator CNN and real-image reference features of one dataset."""
+
+    dataset: str  # classifier: mnist | fashion-mnist
+    real: np.ndarray  # evaluator features of the reference images
+    floor: dict[str, float]  # FID of real training images against the reference (same sample count)
+    classifier: torch.nn.Module
+
+    @classmethod
+    def build(cls, cfg: Config, reference: int, samples: int) -> Scorer:
+        name = "fashion-mnist" if cfg.data.source == "fashion-mnist" else "mnist"
+        clf = load_classifier(name)
+        ref_images = load_images(cfg.data.source, cfg.data.path, "test")[:reference]
+        train_images = load_images(cfg.data.source, cfg.data.path, "train")[:samples]
+        real = classifier_outputs(clf, ref_images)[1].numpy()
+        floor = fid_from_features(classifier_outputs(clf, train_images)[1].numpy(), real)
+        return cls(name, real, {"fid": floor, "samples": len(train_images), "reference": len(ref_images)}, clf)
+
+    def score(self, images: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, float]:
+        logits, feats = classifier_outputs(self.classifier, images)
+        correct = (logits.argmax(1).numpy() == labels)
+        n, acc = len(labels), float(correct.mean())
+        feats = feats.numpy()
+        fid = fid_from_features(feats, self.real)
+        rng = np.random.default_rng(seed)
+        boot = [fid_from_features(feats[rng.integers(0, n, n)], self.real) for _ in range(BOOTSTRAP)]
+        return {"acc": acc, "acc_var": acc * (1 - acc) / n, "fid": fid, "fid_var": float(np.var(boot, ddof=1)), "n": n}
+
+
+def grid_order(labels: np.ndarray, per_class: int = 10) -> np.ndarray:
+    """Indices of the first `per_class` samples of each class, class by class (one row per class)."""
+    return np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)])
+
+
+# ---- running a unit ---------------------------------------------------------------------------
+
+
+def ensure_tokenizer(out: Path, tok: dict, data_path: str | None, log: Callable[[str], None]) -> dict:
+    """Train the unit's tokenizer unless its file and results exist; returns its results."""
+    key, folder = tok["key"], out / "runs" / tok["key"]
+    record = read_record(out, key)
+    if record is not None and (folder / FILE_NAME).is_file():
+        return record
+    lock_run_dir(folder)
+    try:
+        log(f"[{key}] training a {tok['kind']} tokenizer, token dim {tok['token_dim']}, {tok['steps']} steps")
+        torch.manual_seed(tok["seed"])
+        train = load_images(tok["data"], data_path, "train")
+        test = load_images(tok["data"], data_path, "test")
+        model = ConvTokenizer(tok["kind"], tok["token_dim"], in_channels=train.shape[1], hidden=tok["hidden"])
+        t0 = time.time()
+        train_tokenizer(model, train, tok["steps"], batch_size=tok["batch_size"], generator=torch.Generator().manual_seed(tok["seed"]))
+        model.fit_normalisation(train)
+        with torch.no_grad():
+            recon = torch.cat([model.reconstruct(test[i:i + 500]).clamp(-1, 1) for i in range(0, len(test), 500)])
+        per_image = [psnr(recon[i], test[i]) for i in range(len(test))]
+        save_tokenizer(model, folder / FILE_NAME, extra={"steps": str(tok["steps"])})
+        record = {"key": key, "tokenizer": tok, "psnr": psnr(recon, test), "psnr_var": float(np.var(per_image, ddof=1) / len(test)),
+                  "test_images": len(test), "train_s": time.time() - t0}
+        write_record(out, key, record)
+        log(f"[{key}] held-out PSNR {record['psnr']:.2f} dB")
+        return record
+    finally:
+        release_run_dir(folder)
+
+
+def read_loss(run_dir: Path) -> list[list[float]]:
+    import csv
+
+    path = run_dir / "log.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [[int(r["step"]), float(r["loss"])] for r in csv.DictReader(f)]
+
+
+def run_unit(unit: Unit, out: Path, scorer_for: Callable[[Config], Scorer], log: Callable[[str], None],
+             device: str = "cpu") -> dict:
+    """Train (or resume) a unit and score every checkpoint it still needs; returns its record."""
+    record = read_record(out, unit.key) or {}
+    run_dir = Path(unit.cfg.train.out_dir)
+    evals = record.setdefault("evals", {})
+    missing = [(k, p) for k in unit.evals for p in unit.points if str(p) not in evals.get(k, {}).get("points", {})]
+    have = all((run_dir / "checkpoints" / step_dir_name(p)).is_dir() for _, p in missing)
+    if not record.get("train") or (missing and not have):
+        # A committed record without its checkpoints cannot take new evaluations: retrain (deterministic).
+        if unit.tokenizer:
+            record["tokenizer"] = ensure_tokenizer(out, unit.tokenizer, unit.cfg.data.path, log)
+        resume = latest_checkpoint(run_dir) is not None
+        log(f"[{unit.key}] {'resuming' if resume else 'training'} to step {unit.cfg.train.steps} in {run_dir}")
+        result = Trainer(unit.cfg, resume=resume, device=device).train(final_samples=False)
+        if result.stopped != "steps":
+            raise DitlabError(f"unit {unit.key} stopped ({result.stopped}) at step {result.step}; rerun to resume")
+        fwd = measure(unit.cfg)
+        record.update(key=unit.key, config=training_identity(unit.cfg, unit.tokenizer)["config"], seed=unit.cfg.train.seed,
+                      steps=unit.cfg.train.steps, batch_size=unit.cfg.optim.batch_size)
+        record["train"] = {"train_s": result.elapsed_s, "img_per_s": result.images_per_s, "last_loss": result.last_loss,
+                           "params": fwd["params"], "fwd_gflops": fwd["gflops"], "loss": read_loss(run_dir)}
+        write_record(out, unit.key, record)
+    scorer = scorer_for(unit.cfg) if missing else None
+    for point in unit.points:
+        todo = [k for k, p in missing if p == point]
+        if not todo:
+            continue
+        run = load_run(run_dir / "checkpoints" / step_dir_name(point), device=device)
+        for ekey in todo:
+            s = unit.evals[ekey]
+            labels = np.arange(s["samples"]) % run.model.num_classes
+            t0 = time.time()
+            images, labels = generate(run, labels, sampler=s["sampler"], steps=s["steps"], cfg_scale=s["cfg_scale"],
+                                      guidance_interval=s["guidance_interval"], seed=s["seed"], batch_size=min(500, s["samples"]))
+            metrics = scorer.score(images, labels, s["seed"])
+            metrics.update(nfe=run.objective.last_nfe, sample_s=time.time() - t0)
+            entry = evals.setdefault(ekey, {"settings": s, "points": {}})
+            entry["points"][str(point)] = metrics
+            if unit.first_seed and point == unit.points[-1]:
+                save_grid(out / "units" / unit.key / f"{ekey}.png", images[grid_order(labels)], 10)
+            write_record(out, unit.key, record)
+            log(f"[{unit.key}] step {point} {s['sampler']} {s['steps']} steps cfg {s['cfg_scale']:g}: "
+                f"acc {metrics['acc']:.3f} fid {metrics['fid']:.2f} ({metrics['sample_s']:.0f} s)")
+    # Scored: keep only the final checkpoint (a longer budget or new sampling setting starts from it).
+    for step_dir in (run_dir / "checkpoints").glob("step_*"):
+        if step_dir.name != step_dir_name(unit.points[-1]) and not needs_work(unit, record):
+            shutil.rmtree(step_dir, ignore_errors=True)
+    return record
