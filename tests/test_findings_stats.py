@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from ditlab.errors import DitlabError
-from ditlab.experiments.stats import arm_stats, binomial_variance, effect, verdict
+from ditlab.experiments.stats import arm_stats, binomial_variance, combine, effect, verdict
 
 
 def arms(**values):
@@ -63,6 +63,30 @@ def test_verdicts_on_synthetic_arms():
     assert verdict("equivalent", better, ["A", "B"], higher_is_better=True, margin=0.02).verdict == "contradicts"
     noisy = arms(A=[0.5, 0.9, 0.7], B=[0.6, 0.8, 0.4])
     assert verdict("equivalent", noisy, ["A", "B"], higher_is_better=True, margin=0.05).verdict == "inconclusive"
+
+
+def test_noninferiority_on_synthetic_arms():
+    # FID, lower is better: "A is not worse than B by more than 1.0"
+    fid = lambda **v: {k: arm_stats(x) for k, x in v.items()}
+    same = fid(A=[10.1, 9.9, 10.0], B=[10.0, 10.1, 9.9])
+    assert verdict("noninferior", same, ["A", "B"], higher_is_better=False, margin=1.0).verdict == "reproduces"
+    far_worse = fid(A=[14.0, 14.2, 13.9], B=[10.0, 10.1, 9.9])
+    v = verdict("noninferior", far_worse, ["A", "B"], higher_is_better=False, margin=1.0)
+    assert v.verdict == "contradicts" and v.effects[0].estimate == pytest.approx(np.mean([10.0, 10.1, 9.9]) - np.mean([14.0, 14.2, 13.9]))
+    much_better = fid(A=[6.0, 6.1, 5.9], B=[10.0, 10.1, 9.9])
+    assert verdict("noninferior", much_better, ["A", "B"], higher_is_better=False, margin=1.0).verdict == "reproduces"
+    # worse by about the margin, with wide intervals: cannot tell
+    edge = fid(A=[10.0, 12.0, 11.0], B=[10.0, 10.1, 9.9])
+    assert verdict("noninferior", edge, ["A", "B"], higher_is_better=False, margin=1.0).verdict == "inconclusive"
+    with pytest.raises(DitlabError, match="positive margin"):
+        verdict("noninferior", same, ["A", "B"], higher_is_better=False, margin=0.0)
+
+
+def test_combining_verdicts():
+    assert combine(["reproduces", "reproduces"]) == "reproduces"
+    assert combine(["reproduces", "inconclusive"]) == "inconclusive"
+    assert combine(["reproduces", "contradicts", "inconclusive"]) == "contradicts"
+    assert combine([]) == "inconclusive"
 
 
 def test_ordering_needs_every_adjacent_pair():

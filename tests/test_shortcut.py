@@ -183,55 +183,6 @@ def test_bad_input():
     assert math.log2(build_objective(load_config(None, ["objective.kind=shortcut"])).base_steps) == 7
 
 
-def test_objectives_experiment_runs_end_to_end(tmp_path, capsys):
-    # Pipeline check of `python -m ditlab.experiments.objectives` at a toy budget (an untrained
-    # evaluator: the numbers are meaningless, the files and the table are not).
-    from safetensors.torch import save_file
-
-    from ditlab.eval.classifier import EvalCNN
-    from ditlab.experiments import objectives
-
-    torch.manual_seed(0)
-    save_file(EvalCNN().state_dict(), str(tmp_path / "clf.safetensors"))
-    argv = ["--out", str(tmp_path / "exp"), "--objectives", "flow,shortcut", "--steps", "2", "--eval-every", "1",
-            "--eval-samples", "10", "--real-samples", "20", "--sample-steps", "2", "--shortcut-steps", "1,4",
-            "--hidden", "32", "--depth", "1", "--heads", "2", "--data", "mnist-embedded",
-            "--classifier", str(tmp_path / "clf.safetensors")]
-    assert objectives.main(argv) == 0
-    import json
-
-    res = json.loads((tmp_path / "exp" / "results.json").read_text())
-    assert [r["step"] for r in res["flow"]["curve"]] == [1, 2]
-    assert [r["steps"] for r in res["shortcut"]["by_steps"]] == [1, 4]
-    assert res["flow"]["curve"][0]["nfe"] == 2 and res["shortcut"]["curve"][0]["nfe"] == 4
-    text = (tmp_path / "exp" / "report.md").read_text()
-    assert "| step | flow acc | flow fid | shortcut acc | shortcut fid |" in text
-    assert (tmp_path / "exp" / "shortcut_4steps.png").is_file()
-    # a longer --steps resumes the runs instead of starting over
-    assert objectives.main([*argv[:5], "3", *argv[6:]]) == 0
-    res = json.loads((tmp_path / "exp" / "results.json").read_text())
-    assert [r["step"] for r in res["shortcut"]["curve"]] == [1, 2, 3]
-    assert objectives.main(["--out", str(tmp_path / "x"), "--objectives", "flow,gan"]) == 2
-    assert "error: unknown objectives ['gan']" in capsys.readouterr().err
-
-
-def test_objectives_experiment_reads_the_packaged_configs():
-    # The configs ship inside the package (a wheel has no repository configs/ folder); the
-    # repository's configs/ entries are links to the same files, so there is one source of truth.
-    from importlib import resources
-    from pathlib import Path
-
-    from ditlab.experiments import objectives
-
-    packaged = Path(str(resources.files("ditlab") / "configs"))
-    assert Path(str(objectives.CONFIGS)).resolve() == packaged.resolve()
-    repo = Path(__file__).resolve().parents[1] / "configs"
-    for name, kind in [("mnist_flow.yaml", "flow"), ("mnist_shortcut.yaml", "shortcut")]:
-        assert load_config(packaged / name).objective.kind == kind
-        if (repo / name).exists():
-            assert (repo / name).resolve() == (packaged / name).resolve()
-
-
 # ---- through the CLI: `ditlab train` / `ditlab sample` with flow and shortcut runs ------------------
 
 TINY = ["model.name=DiT-S/4", "model.hidden_size=32", "model.depth=1", "model.num_heads=2",

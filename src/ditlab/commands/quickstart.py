@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads, over OMP_NUM_THREADS (default: OMP_NUM_THREADS when set, else all cores, "
-                             "or 1 when other processes already load them)")
+                             "or 1 when other processes already load them, re-checked during training as the load changes)")
 
 
 def busy_cores(interval: float = 0.5) -> float:
@@ -90,28 +90,34 @@ def run(args: argparse.Namespace) -> int:
             raise DitlabError(f"--budget must be positive seconds, got {args.budget}")
         overrides.append(f"train.time_budget_s={args.budget}")
     cfg = load_config(quickstart_config_path(), overrides)
+    adapt_threads = False  # a count the user chose stays; one picked here follows the load (train/threads.py)
     if args.threads is not None:  # an explicit --threads wins over OMP_NUM_THREADS, and is checked either way
         torch.set_num_threads(pick_threads(args.threads))
     elif args.device != "cuda" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(pick_threads(None))
+        adapt_threads = True
     latest = latest_checkpoint(cfg.train.out_dir) if not args.resume else None
     if latest is not None:
         raise DitlabError(f"{cfg.train.out_dir} already holds checkpoints (latest {latest.name}); "
                           "use --resume to continue it or another --out")
     try:
-        return _train_and_sample(args, cfg, t0)
+        return _train_and_sample(args, cfg, t0, adapt_threads)
     finally:
         release_run_dir(cfg.train.out_dir)
 
 
-def _train_and_sample(args: argparse.Namespace, cfg: Config, t0: float) -> int:
-    trainer = Trainer(cfg, resume=args.resume, device=args.device)
+def _train_and_sample(args: argparse.Namespace, cfg: Config, t0: float, adapt_threads: bool = False) -> int:
+    trainer = Trainer(cfg, resume=args.resume, device=args.device, adapt_threads=adapt_threads)
     if trainer.raw.num_classes == 0:
         raise DitlabError("quickstart draws one row per class: model.num_classes must be > 0")
     print(f"quickstart: training {cfg.model.name} (hidden {cfg.model.hidden_size}, depth {cfg.model.depth}, "
           f"patch {cfg.model.patch_size}) with {cfg.objective.kind} matching on {len(trainer.dataset)} MNIST "
-          f"images for up to {cfg.train.time_budget_s:.0f} s on {torch.get_num_threads()} CPU thread(s) ...", flush=True)
+          f"images for up to {cfg.train.time_budget_s:.0f} s on {torch.get_num_threads()} CPU thread(s)"
+          f"{' (following the load)' if trainer.thread_tuner else ''} ...", flush=True)
     result = trainer.train(final_samples=False)  # the class grid below replaces the run's last grid
+    if trainer.thread_tuner and trainer.thread_tuner.changes:
+        moves = ", ".join(f"{old}->{new}" for _, old, new, _ in trainer.thread_tuner.changes)
+        print(f"CPU threads changed with the load during training: {moves} (now {torch.get_num_threads()})", flush=True)
     if result.signal is not None:  # stopped early: no samples, exit as the signal would (128 + its number)
         saved = result.checkpoint or latest_checkpoint(cfg.train.out_dir)
         budget = ["--budget", f"{args.budget:g}"] if args.budget is not None else []

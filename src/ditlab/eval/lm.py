@@ -68,6 +68,24 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def window_bits(model: nn.Module, data: ByteCorpus | np.ndarray | bytes, seq_len: int, batch_size: int,
+                max_bytes: int | None = None, memory: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(bits, bytes) per evaluation window, in the protocol of `bits_per_byte`: the per-window
+    values give the sampling error of a bits-per-byte estimate."""
+    arr = as_byte_array(data)
+    device = _device(model)
+    bits, counts = [], []
+    with _evaluating(model):
+        for x, y in sequential_batches(arr, seq_len, batch_size, max_bytes):
+            logits = _logits(model, x.to(device), memory)
+            nll = F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="none")
+            bits.append(nll.view(y.shape).double().sum(1).cpu().numpy() / LN2)
+            counts.append(np.full(len(y), y.shape[1]))
+    if not bits:
+        raise DitlabError(f"no bytes to evaluate: the data holds {len(arr)} byte(s)")
+    return np.concatenate(bits), np.concatenate(counts)
+
+
 def bits_per_byte(model: nn.Module, data: ByteCorpus | np.ndarray | bytes, seq_len: int, batch_size: int,
                   max_bytes: int | None = None, memory: bool = True) -> float:
     """Mean next-byte cross-entropy in bits over a whole split (or its first max_bytes bytes).
@@ -78,18 +96,8 @@ def bits_per_byte(model: nn.Module, data: ByteCorpus | np.ndarray | bytes, seq_l
     Every byte but the first is predicted exactly once; the leftover tail is a shorter window.
     The result is sum(nats) / (count * ln 2), summed in float64.
     """
-    arr = as_byte_array(data)
-    device = _device(model)
-    total, count = 0.0, 0
-    with _evaluating(model):
-        for x, y in sequential_batches(arr, seq_len, batch_size, max_bytes):
-            logits = _logits(model, x.to(device), memory)
-            nll = F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="none")
-            total += nll.double().sum().item()
-            count += y.numel()
-    if count == 0:
-        raise DitlabError(f"no bytes to evaluate: the data holds {len(arr)} byte(s)")
-    return total / count / LN2
+    bits, counts = window_bits(model, data, seq_len, batch_size, max_bytes, memory)
+    return float(bits.sum() / counts.sum())
 
 
 def bpb_by_position(model: nn.Module, data: ByteCorpus | np.ndarray | bytes, seq_len: int, batch_size: int,

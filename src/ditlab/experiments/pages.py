@@ -18,12 +18,21 @@ from pathlib import Path
 import numpy as np
 from scipy import stats as st
 
+from ditlab.experiments import scaling_study
+from ditlab.config import is_language_model
 from ditlab.experiments.specs import METRICS, Finding, Profile, split_point
 from ditlab.experiments.stats import arm_stats, combine, verdict
 from ditlab.experiments.suite import ArmRun, Unit, point_step, read_record
 from ditlab.io import save_text
 
-METRIC_NAMES = {"acc": "class accuracy", "fid": "FID (evaluator features)", "psnr": "tokenizer PSNR (dB)"}
+METRIC_NAMES = {"acc": "class accuracy", "fid": "FID (evaluator features)", "psnr": "tokenizer PSNR (dB)",
+                "bpb": "bits per byte (validation)"}
+COLUMN = {"acc": "acc", "fid": "FID", "bpb": "bpb"}
+
+
+def curve_metrics(arms: dict) -> list[str]:
+    """The metrics measured along training: bits per byte for byte LMs, accuracy and FID for images."""
+    return ["bpb"] if any(is_language_model(a["unit"].cfg) for a in arms.values()) else ["acc", "fid"]
 
 
 def _arm_values(finding: Finding, arm_runs: list[ArmRun], units: dict[str, Unit], out: Path) -> dict:
@@ -118,6 +127,24 @@ def _effects_text(r: dict) -> str:
     return "; ".join(parts) + margin
 
 
+def _x_axes(unit: Unit, train: dict, steps: list[int]) -> list[tuple[str, list[float], str]]:
+    """The two x axes of the curves: epochs and training Gflops for images, steps and bytes for LMs."""
+    batch = unit.cfg.optim.batch_size
+    if is_language_model(unit.cfg):
+        return [("training step", steps, "linear"), ("training bytes", [p * batch * unit.cfg.model.lm_seq_len for p in steps], "log")]
+    fwd = train.get("fwd_gflops") or float("nan")
+    return [("epochs", [p * batch / unit.dataset_images for p in steps], "linear"),
+            ("training Gflops (3 x forward x images)", [3 * fwd * p * batch for p in steps], "log")]
+
+
+def _amount(unit: Unit) -> str:
+    """How much data a unit's budget is: epochs of an image set, bytes of a corpus."""
+    seen = unit.cfg.train.steps * unit.cfg.optim.batch_size
+    if is_language_model(unit.cfg):
+        return f"{seen * unit.cfg.model.lm_seq_len / 1e6:.3g} M bytes"
+    return f"{seen / unit.dataset_images:.2g} epochs"
+
+
 def _plot(finding: Finding, arms: dict, folder: Path) -> list[str]:
     import matplotlib
 
@@ -125,29 +152,24 @@ def _plot(finding: Finding, arms: dict, folder: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     written = []
-    metrics = [m for m in ("acc", "fid") if any(s["points"] for a in arms.values() for s in a["seeds"].values())]
-    if metrics:
+    metrics = curve_metrics(arms)
+    if any(s["points"] for a in arms.values() for s in a["seeds"].values()):
         fig, axes = plt.subplots(2, len(metrics), figsize=(5.5 * len(metrics), 7.5), squeeze=False)
         for name, arm in arms.items():
             unit = arm["unit"]
-            steps = [p for p in unit.points if _values(arm, "acc", p) is not None]
+            steps = [p for p in unit.points if _values(arm, metrics[0], p) is not None]
             if not steps:
                 continue
-            cfg, train = unit.cfg, next(iter(arm["seeds"].values()))["train"] or {}
-            epochs = [p * cfg.optim.batch_size / unit.dataset_images for p in steps]
-            gflops = [3 * train.get("fwd_gflops", float("nan")) * p * cfg.optim.batch_size for p in steps]
+            train = next(iter(arm["seeds"].values()))["train"] or {}
+            axes_x = _x_axes(unit, train, steps)
             for col, metric in enumerate(metrics):
                 mean, half = zip(*[_interval(*_values(arm, metric, p)) for p in steps])
-                for row, x in enumerate((epochs, gflops)):
+                for row, (label, x, scale) in enumerate(axes_x):
                     ax = axes[row][col]
                     line, = ax.plot(x, mean, marker="o", label=name)
                     ax.fill_between(x, np.subtract(mean, half), np.add(mean, half), color=line.get_color(), alpha=0.2)
-        for col, metric in enumerate(metrics):
-            axes[0][col].set(xlabel="epochs", ylabel=METRIC_NAMES[metric])
-            axes[1][col].set(xlabel="training Gflops (3 x forward x images)", ylabel=METRIC_NAMES[metric], xscale="log")
-            if metric == "fid":
-                for row in (0, 1):
-                    axes[row][col].set_yscale("log")
+                    ax.set(xlabel=label, ylabel=METRIC_NAMES[metric], xscale=scale,
+                           yscale="log" if metric in ("fid", "bpb") else "linear")
         axes[0][0].legend(fontsize=8)
         fig.suptitle(f"Finding {finding.id}: {finding.title} (mean ± 95% CI over seeds)", fontsize=10)
         fig.tight_layout()
@@ -180,21 +202,33 @@ def _fmt(arm: dict, metric: str, step: int | None) -> str:
     if got is None:
         return "—"
     mean, half = _interval(*got)
-    digits = 3 if metric == "acc" else 2
+    digits = 2 if metric in ("fid", "psnr") else 3
     return f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
+def _protocol(cfg, ev: dict, reference: dict | None) -> str:
+    if is_language_model(cfg):
+        return (f"bits per byte on the first {ev['lm_bytes']:,} bytes of the corpus' validation split, in windows "
+                f"of the model's context ({cfg.model.lm_seq_len} bytes; `ditlab lm eval`'s protocol).")
+    return (f"{ev['samples']} class-conditional samples (labels cycled 0-9) with the objective's fixed sampler "
+            f"(ddim / euler / shortcut; steps {ev['steps']}), guidance {ev['cfg_scale']:g} unless the arm sets `sample.*`; "
+            f"class accuracy by ditlab's evaluator CNN; FID of its 128-d features against {ev['reference']} real test images."
+            + (f" Real-data floor at this sample count: FID {reference['fid']:.2f}." if reference else ""))
+
+
 def write_finding(finding: Finding, profile: Profile, arm_runs: list[ArmRun], units: dict[str, Unit], out: Path,
-                  reference: dict | None = None) -> dict:
+                  references: dict[str, dict] | None = None) -> dict:
     """Write OUT/<id>/{report.md, results.json, curves.png, loss.png, grid_<arm>.png}; returns the summary."""
     folder = out / f"finding_{finding.id}"
     folder.mkdir(parents=True, exist_ok=True)
     arms = _arm_values(finding, arm_runs, units, out)
     overall, results = judge(finding, profile, arms)
+    extra = scaling_study.analyse(finding, profile, arms, folder, results) if finding.analysis == "scaling" else {}
+    overall, results = extra.get("verdict", overall), results + extra.get("results", [])
     any_unit = next(iter(arms.values()))["unit"]
     steps = any_unit.cfg.train.steps
     seeds = max(len(a["seeds"]) for a in arms.values())
-    figures = _plot(finding, arms, folder)
+    figures = _plot(finding, arms, folder) + extra.get("figures", [])
     grids = {}
     for name, arm in arms.items():
         first = arm["seeds"].get(0)
@@ -203,7 +237,7 @@ def write_finding(finding: Finding, profile: Profile, arm_runs: list[ArmRun], un
             shutil.copyfile(src, folder / f"grid_{name}.png")
             grids[name] = f"grid_{name}.png"
     fracs = sorted({f for e in finding.expectations_for(profile.name) for _, f in e.arm_points()} | {1.0})
-    ev = profile.eval
+    ev = {**profile.eval, "points": finding.points_for(profile)}  # a finding may set its own points
     lines = [f"# Finding {finding.id}: {finding.title}", "", f"> {finding.claim}", "", f"Source: {finding.source}.", "",
              f"**Verdict: {overall}** (profile `{profile.name}`, {seeds} seed{'s' * (seeds > 1)}, "
              f"recipe `{finding.recipe}`).", ""]
@@ -214,11 +248,11 @@ def write_finding(finding: Finding, profile: Profile, arm_runs: list[ArmRun], un
         at = ", ".join(sorted({f"{split_point(a)[1]:g} of budget" for a in r["arms"]}))
         lines.append(f"| {_statement(r)} ({r['claim']}) | {r['metric']} ({'higher' if r['higher_is_better'] else 'lower'} is better) "
                      f"| {at} | {_effects_text(r)} | **{r['verdict']}** |")
-    head = ["arm", "overrides"]
-    for f in fracs:
-        head += [f"acc @{f:g}", f"FID @{f:g}"]
+    metrics = curve_metrics(arms)
+    head = ["arm", "overrides"] + [f"{COLUMN[m]} @{f:g}" for f in fracs for m in metrics]
     has_psnr = any("psnr" in s for a in arms.values() for s in a["seeds"].values())
-    head += (["PSNR"] if has_psnr else []) + ["params", "fwd Gflops", "img/s", "seeds done"]
+    head += (["PSNR"] if has_psnr else []) + ["params", "fwd Gflops", "samples/s", "seeds done"]
+    lines += extra.get("lines", [])  # the scaling analysis section
     lines += ["", "## Arms (mean ± 95% CI over seeds)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     arm_rows = {}
     for name, arm in arms.items():
@@ -227,12 +261,12 @@ def write_finding(finding: Finding, profile: Profile, arm_runs: list[ArmRun], un
         row = [name, overrides]
         for f in fracs:
             step = point_step(unit.cfg.train.steps, f)
-            row += [_fmt(arm, "acc", step), _fmt(arm, "fid", step)]
+            row += [_fmt(arm, m, step) for m in metrics]
         trains = [s["train"] for s in arm["seeds"].values() if s["train"]]
         done = sum(1 for s in arm["seeds"].values() if s["points"].get(unit.points[-1]))
         if has_psnr:
             row.append(_fmt(arm, "psnr", None))
-        row += [f"{trains[0]['params'] / 1e6:.2f} M" if trains else "—", f"{trains[0]['fwd_gflops']:.4f}" if trains else "—",
+        row += [f"{trains[0]['params'] / 1e6:.2f} M" if trains else "—", f"{trains[0]['fwd_gflops']:.4f}" if trains and trains[0]["fwd_gflops"] else "—",
                 f"{np.median([t['img_per_s'] for t in trains]):.0f}" if trains else "—", f"{done}/{len(arm['seeds'])}"]
         lines.append("| " + " | ".join(row) + " |")
         arm_rows[name] = {"overrides": finding.arms_for(profile.name)[name], "sampling": arm["eval"],
@@ -240,17 +274,13 @@ def write_finding(finding: Finding, profile: Profile, arm_runs: list[ArmRun], un
                                              "train": {k2: v for k2, v in (s["train"] or {}).items() if k2 != "loss"}}
                                     for k, s in arm["seeds"].items()}}
     cfg = any_unit.cfg
+    reference = (references or {}).get(cfg.data.source)
     lines += ["", "## Setup", "",
-              f"- Budget: {steps} steps of batch {cfg.optim.batch_size} on `{cfg.data.source}` "
-              f"({steps * cfg.optim.batch_size / any_unit.dataset_images:.2f} epochs), AdamW lr {cfg.optim.lr:g}, "
+              f"- Budget: {steps} steps of batch {cfg.optim.batch_size} on `{cfg.data.source}` ({_amount(any_unit)}), AdamW lr {cfg.optim.lr:g}, "
               f"warm-up {cfg.optim.warmup_steps}, grad clip {cfg.optim.grad_clip}, EMA {cfg.train.ema_decay} (warm-up {cfg.train.ema_warmup}).",
-              f"- Evaluation at {', '.join(f'{p:g}' for p in ev['points'])} of the budget, EMA weights: {ev['samples']} class-conditional "
-              f"samples (labels cycled 0-9) with the objective's fixed sampler (ddim / euler / shortcut; steps {ev['steps']}), "
-              f"guidance {ev['cfg_scale']:g} unless the arm sets `sample.*`; class accuracy by ditlab's MNIST evaluator CNN; "
-              f"FID of its 128-d features against {ev['reference']} real test images."
-              + (f" Real-data floor at this sample count: FID {reference['fid']:.2f}." if reference else ""),
+              f"- Evaluation at {', '.join(f'{p:g}' for p in ev['points'])} of the budget, EMA weights: " + _protocol(cfg, ev, reference),
               "- Intervals: per arm the seed spread, floored by each value's sampling variance (binomial for accuracy, "
-              "bootstrap over samples for FID); differences by Welch t-intervals (`ditlab.experiments.stats`).",
+              "bootstrap over samples for FID, over windows for bits per byte); differences by Welch t-intervals (`ditlab.experiments.stats`).",
               f"- Regenerate: `ditlab reproduce {finding.id} --profile {profile.name} --seeds {seeds}`.", ""]
     for fig in figures:
         lines += [f"![{fig}]({fig})", ""]
@@ -261,7 +291,7 @@ def write_finding(finding: Finding, profile: Profile, arm_runs: list[ArmRun], un
     save_text(folder / "report.md", "\n".join(lines))
     summary = {"id": finding.id, "title": finding.title, "claim": finding.claim, "source": finding.source,
                "profile": profile.name, "seeds": seeds, "steps": steps, "batch_size": cfg.optim.batch_size,
-               "data": cfg.data.source, "epochs": steps * cfg.optim.batch_size / any_unit.dataset_images, "verdict": overall, "expectations": results, "arms": arm_rows,
+               "data": cfg.data.source, "amount": _amount(any_unit), "verdict": overall, "expectations": results, "arms": arm_rows,
                "evaluation": ev, "reference": reference}
     save_text(folder / "results.json", json.dumps(summary, indent=1, default=float) + "\n")
     return summary
@@ -283,7 +313,7 @@ def write_index(summaries: list[dict], out: Path, profile: Profile) -> Path:
     for s in summaries:
         measured = "<br>".join(f"{r['metric']} {_statement(r)}: {_effects_text(r)} → {r['verdict']}" for r in s["expectations"])
         lines.append(f"| [{s['id']}](finding_{s['id']}/report.md) | {s['claim']} | {measured} | {s['seeds']} | "
-                     f"{s['steps']} steps ({s['epochs']:.2g} ep) | **{s['verdict']}** |")
+                     f"{s['steps']} steps ({s['amount']}) | **{s['verdict']}** |")
     lines += ["", f"Regenerate: `ditlab reproduce --profile {profile.name}` then `ditlab report --out {out}`.", ""]
     return save_text(out / "REPORT.md", "\n".join(lines))
 

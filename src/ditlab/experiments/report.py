@@ -2,7 +2,8 @@
 
     ditlab report --out reports/cpu          # after (or during) `ditlab reproduce`
 
-Findings whose arms are not all finished are marked pending; the rest get their verdicts.
+Without ids, the findings with any results in the folder get pages; those whose arms are not all
+finished are marked pending, the rest get their verdicts.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from ditlab.experiments.reproduce import setup, write_reports
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ids", nargs="*", help="finding ids (default: all)")
+    p.add_argument("ids", nargs="*", help="finding ids (default: those with results in OUT)")
     p.add_argument("--profile", default=None, help="the profile of the results (default: the one OUT was run with)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the one OUT was run with)")
     p.add_argument("--out", default="reports/cpu", help="results folder (default reports/cpu)")
@@ -32,6 +33,5 @@ def run(args: argparse.Namespace) -> int:
     saved = json.loads(meta.read_text())
     args.profile = args.profile or saved["profile"]
     args.seeds = args.seeds or saved["seeds"]
-    profile, findings, _, out, units, arm_runs, order = setup(args)
-    print(f"wrote {write_reports(profile, findings, units, arm_runs, out, order)}")
+    print(f"wrote {write_reports(setup(args), list(args.ids))}")
     return 0

@@ -19,14 +19,15 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ditlab.errors import DitlabError
 from ditlab.experiments.pages import write_finding, write_index
-from ditlab.experiments.specs import PROFILES, check_finding, load_findings, load_suite, select
-from ditlab.experiments.suite import Scorer, needs_work, plan, read_record, run_unit
+from ditlab.experiments.specs import PROFILES, Finding, Profile, check_finding, load_findings, load_suite, select
+from ditlab.experiments.suite import ArmRun, ImageScorer, TextScorer, Unit, build_scorer, needs_work, plan, read_record, record_path, run_unit
 from ditlab.io import save_text
 
 
@@ -35,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="cpu", help=f"one of {', '.join(PROFILES)} (default cpu)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the profile's)")
     p.add_argument("--out", default=None, help="results folder (default reports/<profile>)")
-    p.add_argument("--data-dir", default=None, help="dataset folder (default $DITLAB_DATA/<source>)")
+    p.add_argument("--data-dir", default=None, help="datasets' root, holding mnist/, fashion-mnist/, text/ (default $DITLAB_DATA)")
     p.add_argument("--jobs", type=int, default=1, help="shards run side by side on this machine")
     p.add_argument("--shard", default=None, help="i/n: run only units whose index %% n == i (0 <= i < n)")
     p.add_argument("--unit", default=None, help="run only the unit with this key (see --plan)")
@@ -46,22 +47,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--findings", default=None, help="folder of finding specs (default: the packaged ones)")
 
 
-def setup(args: argparse.Namespace):
+@dataclass
+class Suite:
+    """What a `reproduce`/`report` invocation works on: the specs, the profile, the results folder."""
+
+    recipes: dict
+    profile: Profile
+    findings: dict[str, Finding]  # every spec, in file order
+    chosen: list[Finding]  # the ones named on the command line (all when none)
+    seeds: int
+    out: Path
+
+    def plan(self, findings: list[Finding]) -> tuple[dict[str, Unit], list[ArmRun]]:
+        return plan(findings, self.profile, self.recipes, self.seeds, self.out)
+
+
+def setup(args: argparse.Namespace) -> Suite:
     folder = Path(args.findings) if args.findings else None
     recipes, profiles = load_suite(folder)
     if args.profile not in profiles:
         raise DitlabError(f"unknown profile '{args.profile}' (choose {', '.join(profiles)})")
-    profile = profiles[args.profile]
     findings = load_findings(folder)
     chosen = select(findings, list(args.ids))
-    for f in chosen:
+    for f in findings.values():
         check_finding(f, recipes, profiles)
-    seeds = args.seeds if args.seeds is not None else profile.seeds
+    seeds = args.seeds if args.seeds is not None else profiles[args.profile].seeds
     if seeds < 1:
         raise DitlabError(f"--seeds must be at least 1, got {seeds}")
-    out = Path(args.out) if args.out else Path("reports") / profile.name
-    units, arm_runs = plan(chosen, profile, recipes, seeds, out, args.data_dir)
-    return profile, chosen, seeds, out, units, arm_runs, list(findings)
+    out = Path(args.out) if args.out else Path("reports") / args.profile
+    if args.data_dir:  # the datasets' root, as $DITLAB_DATA: <dir>/mnist, <dir>/fashion-mnist, <dir>/text/...
+        os.environ["DITLAB_DATA"] = str(Path(args.data_dir).expanduser().resolve())
+    return Suite(recipes, profiles[args.profile], findings, chosen, seeds, out)
 
 
 def _shard(spec: str | None) -> tuple[int, int]:
@@ -84,19 +100,27 @@ def _command(args: argparse.Namespace, out: Path, seeds: int, extra: list[str]) 
     return cmd + extra
 
 
-def write_reports(profile, findings, units, arm_runs, out: Path, order: list[str]) -> Path:
-    """Pages of `findings`; REPORT.md over every finding with a page in OUT (in spec order)."""
-    reference = None
-    if (out / "reference.json").is_file():
-        reference = json.loads((out / "reference.json").read_text())
-    for f in findings:
-        write_finding(f, profile, arm_runs, units, out, reference)
-    summaries = [json.loads(p.read_text()) for i in order if (p := out / f"finding_{i}" / "results.json").is_file()]
-    return write_index(summaries, out, profile)
+def write_reports(suite: Suite, ids: list[str]) -> Path:
+    """Pages of the findings named by ids, or of every finding with any results in OUT (some arms
+    of a finding are often another's: its page then shows them, pending the rest); REPORT.md over
+    the pages written."""
+    findings = [suite.findings[i] for i in ids] if ids else list(suite.findings.values())
+    units, arm_runs = suite.plan(findings)
+    if not ids:
+        started = {a.finding for a in arm_runs if record_path(suite.out, a.unit).is_file()}
+        findings = [f for f in findings if f.id in started]
+    references = {}  # data source -> real-data floor of the metrics
+    for path in suite.out.glob("reference*.json"):
+        floor = json.loads(path.read_text())
+        references[floor["data"]] = floor
+    summaries = [write_finding(f, suite.profile, arm_runs, units, suite.out, references) for f in findings]
+    return write_index(summaries, suite.out, suite.profile)
 
 
 def run(args: argparse.Namespace) -> int:
-    profile, findings, seeds, out, units, arm_runs, order = setup(args)
+    suite = setup(args)
+    profile, findings, seeds, out = suite.profile, suite.chosen, suite.seeds, suite.out
+    units, arm_runs = suite.plan(findings)
     i, n = _shard(args.shard)
     keys = list(units)  # plan order: finding by finding, so verdicts arrive early
     if args.unit is not None:
@@ -125,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         _run_units([units[k] for k in todo], out, profile, device)
     if args.no_report:
         return 0
-    index = write_reports(profile, findings, units, arm_runs, out, order)
+    index = write_reports(suite, [])
     print(f"wrote {index}")
     return 0
 
@@ -139,13 +163,14 @@ def _run_units(units, out: Path, profile, device: str) -> None:
         logf.write(line + "\n")
         logf.flush()
 
-    scorers: dict[tuple, Scorer] = {}
+    scorers: dict[tuple, ImageScorer | TextScorer] = {}
 
-    def scorer_for(cfg) -> Scorer:
+    def scorer_for(cfg) -> ImageScorer | TextScorer:
         key = (cfg.data.source, cfg.data.path)
         if key not in scorers:
-            scorers[key] = Scorer.build(cfg, profile.eval["reference"], profile.eval["samples"])
-            save_text(out / "reference.json", json.dumps({"data": cfg.data.source, **scorers[key].floor}) + "\n")
+            scorers[key] = build_scorer(cfg, profile.eval)
+            if scorers[key].floor:
+                save_text(out / f"reference_{cfg.data.source}.json", json.dumps(scorers[key].floor) + "\n")
         return scorers[key]
 
     try:

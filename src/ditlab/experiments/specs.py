@@ -13,6 +13,12 @@ config field (`model.depth`), a sampling setting (`sample.cfg_scale`: arms that 
 share one trained model), or a tokenizer setting (`tokenizer.kind`, `tokenizer.token_dim`: the
 arm first trains that tokenizer, then its DiT on the tokens). `suite.yaml` holds the recipes and
 the profiles (smoke | cpu | gpu): budget, seeds, shared config and the evaluation protocol.
+
+Optional keys: `seed_arms: [a, b]` (also per profile, `profiles.<p>.seed_arms`) runs only those
+arms with every seed and the others with one; `points: [0.25, 0.5, 1.0]` replaces the profile's
+evaluated fractions of the budget (the budget is then rounded up so that each is a whole step and a
+checkpoint); `analysis: scaling` (or `{kind: scaling, claims: [...]}`) takes the verdicts from
+`scaling_study` (power-law fits, compute-matched comparisons), and `expect` may then be empty.
 """
 
 from __future__ import annotations
@@ -35,9 +41,12 @@ from ditlab.models import build_model
 FINDINGS_DIR = Path(str(resources.files("ditlab") / "experiments" / "findings"))
 PROFILES = ("smoke", "cpu", "gpu")
 # metric -> higher is better
-METRICS = {"acc": True, "fid": False, "psnr": True}
+METRICS = {"acc": True, "fid": False, "psnr": True, "bpb": False}
 TOKENIZER_KEYS = ("kind", "token_dim", "hidden")
 SAMPLERS = {"gaussian": "ddim", "flow": "euler", "shortcut": "shortcut"}  # the fixed sampler per objective
+# analysis kind -> (its claims, the claims a plain `analysis: <kind>` judges); see experiments/scaling_study.py
+ANALYSES = {"scaling": (("power_law", "patch_vs_params", "compute_efficiency", "unet_vs_dit"),
+                        ("power_law", "patch_vs_params", "compute_efficiency"))}
 
 
 @dataclass
@@ -60,8 +69,12 @@ class Profile:
     budget: dict[str, float]  # {"epochs": e} or {"steps": n}
     config: dict[str, Any]
     recipe_config: dict[str, dict[str, Any]]  # recipe -> overrides in this profile
+    recipe_budget: dict[str, dict[str, float]]  # recipe -> its own budget in this profile
     tokenizer: dict[str, int]  # steps, batch_size
     eval: dict[str, Any]  # samples, reference, points, cfg_scale, steps {objective: n}
+
+    def budget_for(self, recipe: str) -> dict[str, float]:
+        return self.recipe_budget.get(recipe, self.budget)
 
 
 @dataclass
@@ -79,9 +92,22 @@ class Finding:
     profile_arms: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     profile_config: dict[str, dict[str, Any]] = field(default_factory=dict)
     path: Path | None = None
+    analysis: str | None = None  # "scaling": verdicts from `experiments.scaling_study` (expect may then be empty)
+    analysis_claims: list[str] = field(default_factory=list)  # the analysis' parts that decide the verdict
+    seed_arms: list[str] | None = None  # arms run with every seed, the others with one (None: every arm)
+    profile_seed_arms: dict[str, list[str]] = field(default_factory=dict)  # seed_arms per profile
+    points: list[float] | None = None  # evaluated fractions of the budget (None: the profile's)
 
     def arms_for(self, profile: str) -> dict[str, dict[str, Any]]:
         return {**self.arms, **self.profile_arms.get(profile, {})}
+
+    def seeds_for(self, arm: str, profile: str, seeds: int) -> int:
+        """Seeds of an arm: all for a seed arm (or when the finding names none), else one."""
+        chosen = self.profile_seed_arms.get(profile, self.seed_arms)
+        return seeds if chosen is None or arm in chosen else min(seeds, 1)
+
+    def points_for(self, profile: Profile) -> list[float]:
+        return self.points or list(profile.eval["points"])
 
     def expectations_for(self, profile: str) -> list[Expectation]:
         return [e for e in self.expect if e.profiles is None or profile in e.profiles]
@@ -124,9 +150,10 @@ def load_suite(findings_dir: Path | None = None) -> tuple[dict[str, dict], dict[
     _only(data, ("recipes", "profiles"), str(path))
     profiles = {}
     for name, p in data["profiles"].items():
-        _only(p, ("seeds", "budget", "config", "recipes", "tokenizer", "eval"), f"{path}: profile {name}")
+        _only(p, ("seeds", "budget", "config", "recipes", "recipe_budget", "tokenizer", "eval"), f"{path}: profile {name}")
         profiles[name] = Profile(name, int(p["seeds"]), dict(p["budget"]), dict(p.get("config") or {}),
                                  {k: dict(v) for k, v in (p.get("recipes") or {}).items()},
+                                 {k: dict(v) for k, v in (p.get("recipe_budget") or {}).items()},
                                  dict(p.get("tokenizer") or {}), dict(p["eval"]))
     return dict(data["recipes"]), profiles
 
@@ -134,23 +161,47 @@ def load_suite(findings_dir: Path | None = None) -> tuple[dict[str, dict], dict[
 def parse_finding(data: dict, path: Path | None = None) -> Finding:
     where = f"finding spec {path}" if path else "finding spec"
     _only(data, ("id", "title", "claim", "source", "recipe", "arms", "expect", "note", "verdict", "budget_scale",
-                 "profiles"), where)
-    missing = [k for k in ("id", "title", "claim", "source", "recipe", "arms", "expect") if k not in data]
+                 "profiles", "analysis", "seed_arms", "points"), where)
+    analysis, claims = data.get("analysis"), None
+    if isinstance(analysis, dict):  # {kind: scaling, claims: [...]}; a plain name takes its default claims
+        _only(analysis, ("kind", "claims"), f"{where}: analysis")
+        analysis, claims = analysis.get("kind"), analysis.get("claims")
+    if analysis is not None:
+        if not isinstance(analysis, str) or analysis not in ANALYSES:
+            raise DitlabError(f"{where}: unknown analysis '{analysis}' (known: {', '.join(ANALYSES)})")
+        known, default = ANALYSES[analysis]
+        claims = list(default) if claims is None else claims
+        if not isinstance(claims, list) or not claims or any(c not in known for c in claims):
+            raise DitlabError(f"{where}: analysis claims must be some of {', '.join(known)}, got {claims}")
+    required = ("id", "title", "claim", "source", "recipe", "arms") + (() if analysis else ("expect",))
+    missing = [k for k in required if k not in data]
     if missing:
         raise DitlabError(f"{where}: missing {', '.join(missing)}")
+    if not data.get("expect") and not analysis:
+        raise DitlabError(f"{where}: no expectations (only a finding with an `analysis` may state none)")
+    points = data.get("points")
+    if points is not None and not (isinstance(points, list) and points
+                                   and all(isinstance(f, (int, float)) and 0 < f <= 1 for f in points)):
+        raise DitlabError(f"{where}: points must be a list of fractions of the budget in (0, 1], got {points}")
     expect = []
-    for e in data["expect"]:
+    for e in data.get("expect") or []:
         _only(e, ("metric", "claim", "arms", "margin", "relative_margin", "profiles"), f"{where}: expect")
         expect.append(Expectation(e["metric"], e["claim"], [str(a) for a in e["arms"]], e.get("margin"),
                                   e.get("relative_margin"), e.get("profiles")))
-    profile_arms, profile_config = {}, {}
+    profile_arms, profile_config, profile_seed_arms = {}, {}, {}
     for name, p in (data.get("profiles") or {}).items():
-        _only(p, ("arms", "config"), f"{where}: profiles.{name}")
+        _only(p, ("arms", "config", "seed_arms"), f"{where}: profiles.{name}")
         profile_arms[name] = {str(k): dict(v or {}) for k, v in (p.get("arms") or {}).items()}
         profile_config[name] = dict(p.get("config") or {})
+        if p.get("seed_arms") is not None:
+            profile_seed_arms[name] = [str(a) for a in p["seed_arms"]]
+    seed_arms = data.get("seed_arms")
     return Finding(str(data["id"]), data["title"], data["claim"], data["source"], data["recipe"],
                    {str(k): dict(v or {}) for k, v in data["arms"].items()}, expect, data.get("note", ""),
-                   data.get("verdict", "all"), float(data.get("budget_scale", 1.0)), profile_arms, profile_config, path)
+                   data.get("verdict", "all"), float(data.get("budget_scale", 1.0)), profile_arms, profile_config, path,
+                   analysis=analysis, analysis_claims=claims or [], profile_seed_arms=profile_seed_arms,
+                   seed_arms=None if seed_arms is None else [str(a) for a in seed_arms],
+                   points=None if points is None else sorted({float(f) for f in points}))
 
 
 def load_findings(findings_dir: Path | None = None) -> dict[str, Finding]:
@@ -215,9 +266,13 @@ def check_finding(finding: Finding, recipes: dict[str, dict], profiles: dict[str
         raise DitlabError(f"finding {finding.id}: verdict must be 'all' or 'any', not '{finding.verdict}'")
     if not finding.budget_scale > 0:
         raise DitlabError(f"finding {finding.id}: budget_scale must be positive")
-    for name in finding.profile_arms:
+    for name in {**finding.profile_arms, **finding.profile_seed_arms}:
         if name not in profiles:
             raise DitlabError(f"finding {finding.id}: unknown profile '{name}'")
+    every_arm = {a for p in profiles for a in finding.arms_for(p)}
+    for arm in (finding.seed_arms or []) + [a for arms in finding.profile_seed_arms.values() for a in arms]:
+        if arm not in every_arm:
+            raise DitlabError(f"finding {finding.id}: seed_arms names '{arm}', which is no arm of any profile")
     for profile in profiles.values():
         for arm in finding.arms_for(profile.name):
             cfg, _ = arm_config(finding, arm, profile, recipes)
@@ -244,9 +299,9 @@ def check_finding(finding: Finding, recipes: dict[str, dict], profiles: dict[str
             for arm, frac in e.arm_points():
                 if arm not in arms:
                     raise DitlabError(f"{where}: no arm '{arm}' in profile {profile.name}")
-                if not any(math.isclose(frac, p) for p in profile.eval["points"]):
+                if not any(math.isclose(frac, p) for p in finding.points_for(profile)):
                     raise DitlabError(f"{where}: {frac} is not an evaluated point of profile {profile.name} "
-                                      f"({profile.eval['points']})")
+                                      f"({finding.points_for(profile)})")
                 if e.metric == "psnr" and not split_tokenizer(arms[arm])[1]:
                     raise DitlabError(f"{where}: psnr needs arms that train a tokenizer; '{arm}' does not")
 

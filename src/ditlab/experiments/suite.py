@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import shutil
+from fractions import Fraction
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,15 +35,17 @@ import numpy as np
 import torch
 
 from ditlab.codecs.tokenizers import FILE_NAME, ConvTokenizer, psnr, save_tokenizer
-from ditlab.config import Config, config_to_dict
+from ditlab.config import Config, config_to_dict, is_language_model
 from ditlab.data import build_dataset
+from ditlab.data.text import ByteCorpus
 from ditlab.errors import DitlabError
 from ditlab.eval.classifier import classifier_outputs, load_classifier
 from ditlab.eval.fid import fid_from_features
-from ditlab.eval.flops import measure
-from ditlab.experiments.specs import SAMPLERS, Finding, Profile, arm_config
+from ditlab.eval.flops import build_for_counting, count_params
+from ditlab.eval.lm import window_bits
+from ditlab.experiments.specs import METRICS, SAMPLERS, Finding, Profile, arm_config
 from ditlab.io import save_grid, write_atomic
-from ditlab.runs import latest_checkpoint, load_run, lock_run_dir, release_run_dir, step_dir_name
+from ditlab.runs import Run, latest_checkpoint, load_run, lock_run_dir, release_run_dir, step_dir_name
 from ditlab.sampling import generate
 from ditlab.train.tokenizer import load_images, train_tokenizer
 from ditlab.train.trainer import Trainer
@@ -86,18 +89,21 @@ def point_step(steps: int, fraction: float) -> int:
     return max(1, round(fraction * steps))
 
 
-_SIZES: dict[tuple, int] = {}
+# Training-set sizes of the standard datasets, so that planning (and `ditlab report`) needs no data.
+_SIZES: dict[tuple, int] = {("mnist", None, "train"): 60000, ("fashion-mnist", None, "train"): 60000,
+                            ("mnist-embedded", None, "train"): 5000}
 
 
 def dataset_size(cfg: Config) -> int:
+    """Samples per epoch of cfg's training data (windows for a byte LM)."""
     key = (cfg.data.source, cfg.data.path, cfg.data.split)
     if key not in _SIZES:
         _SIZES[key] = len(build_dataset(cfg))
     return _SIZES[key]
 
 
-def budget_steps(cfg: Config, profile: Profile, scale: float) -> int:
-    b = profile.budget
+def budget_steps(cfg: Config, b: dict[str, float], scale: float) -> int:
+    """Training steps of a budget in steps or in epochs of cfg's training set."""
     if "steps" in b:
         return max(1, round(b["steps"] * scale))
     return max(1, math.ceil(b["epochs"] * scale * dataset_size(cfg) / cfg.optim.batch_size))
@@ -106,6 +112,8 @@ def budget_steps(cfg: Config, profile: Profile, scale: float) -> int:
 def sampling_settings(cfg: Config, overrides: dict[str, Any], profile: Profile, seed: int) -> dict[str, Any]:
     """The fixed evaluation protocol of the profile, with the arm's own sample.* settings."""
     ev, kind = profile.eval, cfg.objective.kind
+    if is_language_model(cfg):  # deterministic: no sampling, no seed
+        return {"bytes": int(ev["lm_bytes"])}
     return {
         "sampler": overrides.get("sample.sampler", SAMPLERS[kind]),
         "steps": int(overrides.get("sample.steps", ev["steps"][kind])),
@@ -120,25 +128,30 @@ def training_identity(cfg: Config, tokenizer: dict | None) -> dict:
     """What determines a unit's training: the config without sampling settings or local paths."""
     d = config_to_dict(cfg)
     d.pop("sample")
-    d["train"] = {k: v for k, v in d["train"].items() if k not in ("out_dir", "progress", "tensorboard")}
+    # what and when a run writes does not change its weights
+    d["train"] = {k: v for k, v in d["train"].items()
+                  if k not in ("out_dir", "progress", "tensorboard", "log_every", "ckpt_every", "keep_last", "sample_every")}
     d["vae"]["path"] = f"tokenizer:{tokenizer['key']}" if tokenizer else d["vae"]["path"]
     d["data"]["path"] = None  # where this machine keeps the dataset is not part of the experiment
     return {"config": d, "tokenizer": tokenizer}
 
 
-def plan(findings: list[Finding], profile: Profile, recipes: dict, seeds: int, out: Path,
-         data_path: str | None = None) -> tuple[dict[str, Unit], list[ArmRun]]:
-    """The units to run (deduplicated by key) and where each arm x seed finds its results."""
+def plan(findings: list[Finding], profile: Profile, recipes: dict, seeds: int,
+         out: Path) -> tuple[dict[str, Unit], list[ArmRun]]:
+    """The units to run (deduplicated by key) and where each arm x seed finds its results (an arm
+    outside the finding's `seed_arms` gets one seed)."""
     units: dict[str, Unit] = {}
     arm_runs: list[ArmRun] = []
     for finding in findings:
+        fractions = finding.points_for(profile)
+        # The evaluation points fall on whole steps, and checkpoints every gcd of them: the budget is
+        # rounded up to a multiple of the points' common denominator (563 -> 564 for halves).
+        whole = math.lcm(*(Fraction(f).limit_denominator(1000).denominator for f in fractions))
         for arm, overrides in finding.arms_for(profile.name).items():
-            for s in range(seeds):
+            for s in range(finding.seeds_for(arm, profile.name, seeds)):
                 cfg, tok = arm_config(finding, arm, profile, recipes)
-                if data_path is not None and cfg.data.source != "mnist-embedded":
-                    cfg.data.path = data_path
-                steps = budget_steps(cfg, profile, finding.budget_scale)
-                points = eval_steps(steps, profile.eval["points"])
+                steps = -(-budget_steps(cfg, profile.budget_for(finding.recipe), finding.budget_scale) // whole) * whole
+                points = eval_steps(steps, fractions)
                 t = cfg.train
                 t.seed, t.steps = s, steps
                 t.ckpt_every = math.gcd(*points)
@@ -154,7 +167,8 @@ def plan(findings: list[Finding], profile: Profile, recipes: dict, seeds: int, o
                     cfg.vae.path = str(out / "runs" / tokenizer["key"] / FILE_NAME)
                 key = f"{cfg.objective.kind}-{digest(training_identity(cfg, tokenizer))}"
                 t.out_dir = str(out / "runs" / key)
-                unit = units.setdefault(key, Unit(key, cfg, s == 0, tokenizer, points, dataset_size(cfg)))
+                unit = units.setdefault(key, Unit(key, cfg, s == 0, tokenizer, points,
+                                                    0 if is_language_model(cfg) else dataset_size(cfg)))
                 settings = sampling_settings(cfg, overrides, profile, s)
                 ekey = digest(settings, 8)
                 unit.evals[ekey] = settings
@@ -196,7 +210,7 @@ def needs_work(unit: Unit, record: dict | None) -> bool:
 
 
 @dataclass
-class Scorer:
+class ImageScorer:
     """The evaluator CNN and real-image reference features of one dataset."""
 
     dataset: str  # classifier: mnist | fashion-mnist
@@ -205,14 +219,15 @@ class Scorer:
     classifier: torch.nn.Module
 
     @classmethod
-    def build(cls, cfg: Config, reference: int, samples: int) -> Scorer:
+    def build(cls, cfg: Config, reference: int, samples: int) -> ImageScorer:
         name = "fashion-mnist" if cfg.data.source == "fashion-mnist" else "mnist"
         clf = load_classifier(name)
         ref_images = load_images(cfg.data.source, cfg.data.path, "test")[:reference]
         train_images = load_images(cfg.data.source, cfg.data.path, "train")[:samples]
         real = classifier_outputs(clf, ref_images)[1].numpy()
         floor = fid_from_features(classifier_outputs(clf, train_images)[1].numpy(), real)
-        return cls(name, real, {"fid": floor, "samples": len(train_images), "reference": len(ref_images)}, clf)
+        return cls(name, real, {"data": cfg.data.source, "fid": floor, "samples": len(train_images),
+                                "reference": len(ref_images)}, clf)
 
     def score(self, images: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, float]:
         logits, feats = classifier_outputs(self.classifier, images)
@@ -223,6 +238,46 @@ class Scorer:
         rng = np.random.default_rng(seed)
         boot = [fid_from_features(feats[rng.integers(0, n, n)], self.real) for _ in range(BOOTSTRAP)]
         return {"acc": acc, "acc_var": acc * (1 - acc) / n, "fid": fid, "fid_var": float(np.var(boot, ddof=1)), "n": n}
+
+    def evaluate(self, run: Run, s: dict) -> tuple[dict, np.ndarray | None]:
+        """Metrics of class-conditional samples drawn with settings s, and the grid to keep."""
+        labels = np.arange(s["samples"]) % run.model.num_classes
+        images, labels = generate(run, labels, sampler=s["sampler"], steps=s["steps"], cfg_scale=s["cfg_scale"],
+                                  guidance_interval=s["guidance_interval"], seed=s["seed"], batch_size=min(500, s["samples"]))
+        metrics = self.score(images, labels, s["seed"])
+        metrics["nfe"] = run.objective.last_nfe
+        return metrics, images[grid_order(labels)]
+
+
+@dataclass
+class TextScorer:
+    """Bits per byte on the start of a corpus' validation split (the protocol of `eval.lm.bits_per_byte`)."""
+
+    corpus: ByteCorpus
+    floor: dict | None = None
+
+    @classmethod
+    def build(cls, cfg: Config) -> TextScorer:
+        return cls(ByteCorpus(cfg.data.path, "val"))
+
+    def evaluate(self, run: Run, s: dict) -> tuple[dict, None]:
+        bits, counts = window_bits(run.model, self.corpus, run.cfg.model.lm_seq_len, 16, s["bytes"])
+        per_window = bits / counts
+        return {"bpb": float(bits.sum() / counts.sum()), "bpb_var": float(np.var(per_window, ddof=1) / len(bits)),
+                "n": int(counts.sum())}, None
+
+
+def build_scorer(cfg: Config, protocol: dict) -> ImageScorer | TextScorer:
+    """The scorer of a profile's evaluation protocol for cfg's kind of model."""
+    if is_language_model(cfg):
+        return TextScorer.build(cfg)
+    return ImageScorer.build(cfg, protocol["reference"], protocol["samples"])
+
+
+def describe(s: dict) -> str:
+    if "sampler" not in s:
+        return f"{s['bytes']} validation bytes"
+    return f"{s['sampler']} {s['steps']} steps cfg {s['cfg_scale']:g}"
 
 
 def grid_order(labels: np.ndarray, per_class: int = 10) -> np.ndarray:
@@ -272,7 +327,7 @@ def read_loss(run_dir: Path) -> list[list[float]]:
         return [[int(r["step"]), float(r["loss"])] for r in csv.DictReader(f)]
 
 
-def run_unit(unit: Unit, out: Path, scorer_for: Callable[[Config], Scorer], log: Callable[[str], None],
+def run_unit(unit: Unit, out: Path, scorer_for: Callable[[Config], ImageScorer | TextScorer], log: Callable[[str], None],
              device: str = "cpu") -> dict:
     """Train (or resume) a unit and score every checkpoint it still needs; returns its record."""
     record = read_record(out, unit.key) or {}
@@ -289,11 +344,10 @@ def run_unit(unit: Unit, out: Path, scorer_for: Callable[[Config], Scorer], log:
         result = Trainer(unit.cfg, resume=resume, device=device).train(final_samples=False)
         if result.stopped != "steps":
             raise DitlabError(f"unit {unit.key} stopped ({result.stopped}) at step {result.step}; rerun to resume")
-        fwd = measure(unit.cfg)
         record.update(key=unit.key, config=training_identity(unit.cfg, unit.tokenizer)["config"], seed=unit.cfg.train.seed,
                       steps=unit.cfg.train.steps, batch_size=unit.cfg.optim.batch_size)
         record["train"] = {"train_s": result.elapsed_s, "img_per_s": result.images_per_s, "last_loss": result.last_loss,
-                           "params": fwd["params"], "fwd_gflops": fwd["gflops"], "loss": read_loss(run_dir)}
+                           "params": count_params(build_for_counting(unit.cfg)), "fwd_gflops": result.fwd_gflops, "loss": read_loss(run_dir)}
         write_record(out, unit.key, record)
     scorer = scorer_for(unit.cfg) if missing else None
     for point in unit.points:
@@ -302,20 +356,15 @@ def run_unit(unit: Unit, out: Path, scorer_for: Callable[[Config], Scorer], log:
             continue
         run = load_run(run_dir / "checkpoints" / step_dir_name(point), device=device)
         for ekey in todo:
-            s = unit.evals[ekey]
-            labels = np.arange(s["samples"]) % run.model.num_classes
-            t0 = time.time()
-            images, labels = generate(run, labels, sampler=s["sampler"], steps=s["steps"], cfg_scale=s["cfg_scale"],
-                                      guidance_interval=s["guidance_interval"], seed=s["seed"], batch_size=min(500, s["samples"]))
-            metrics = scorer.score(images, labels, s["seed"])
-            metrics.update(nfe=run.objective.last_nfe, sample_s=time.time() - t0)
-            entry = evals.setdefault(ekey, {"settings": s, "points": {}})
-            entry["points"][str(point)] = metrics
-            if unit.first_seed and point == unit.points[-1]:
-                save_grid(out / "units" / unit.key / f"{ekey}.png", images[grid_order(labels)], 10)
+            s, t0 = unit.evals[ekey], time.time()
+            metrics, grid = scorer.evaluate(run, s)
+            metrics["eval_s"] = time.time() - t0
+            evals.setdefault(ekey, {"settings": s, "points": {}})["points"][str(point)] = metrics
+            if grid is not None and unit.first_seed and point == unit.points[-1]:
+                save_grid(out / "units" / unit.key / f"{ekey}.png", grid, 10)
             write_record(out, unit.key, record)
-            log(f"[{unit.key}] step {point} {s['sampler']} {s['steps']} steps cfg {s['cfg_scale']:g}: "
-                f"acc {metrics['acc']:.3f} fid {metrics['fid']:.2f} ({metrics['sample_s']:.0f} s)")
+            shown = ", ".join(f"{m} {metrics[m]:.4g}" for m in METRICS if m in metrics)
+            log(f"[{unit.key}] step {point} {describe(s)}: {shown} ({metrics['eval_s']:.0f} s)")
     # Scored: keep only the final checkpoint (a longer budget or new sampling setting starts from it).
     for step_dir in (run_dir / "checkpoints").glob("step_*"):
         if step_dir.name != step_dir_name(unit.points[-1]) and not needs_work(unit, record):

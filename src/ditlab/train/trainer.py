@@ -48,6 +48,7 @@ from ditlab.train.samples import write_image_grid, write_text_sample
 from ditlab.train.schedule import lr_at
 from ditlab.train.state import rng_state, seed_all, set_rng_state
 from ditlab.train.stop import StopSignals, agreed_stop, ignore_stop_signals
+from ditlab.train.threads import ThreadTuner
 
 
 @dataclass
@@ -84,7 +85,8 @@ def forward_gflops(cfg: Config) -> float | None:
 class Trainer:
     """Build data, model, objective, optimizer and EMA from a Config; `train()` runs the loop."""
 
-    def __init__(self, cfg: Config, *, resume: bool | str | Path = False, device: str | None = None):
+    def __init__(self, cfg: Config, *, resume: bool | str | Path = False, device: str | None = None,
+                 adapt_threads: bool = False):
         self.cfg, t, o = validate(cfg), cfg.train, cfg.optim
         self.env = D.setup(device)
         self.device = self.env.device
@@ -119,6 +121,8 @@ class Trainer:
         self.raw = model  # the unwrapped module (its parameters are FSDP views under FSDP)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
         self.step = 0
+        # adapt_threads (CPU): the torch thread count follows the machine's load (`threads.py`; quickstart).
+        self.thread_tuner = ThreadTuner(torch.get_num_threads()) if adapt_threads and self.device.type == "cpu" else None
         # Training compute in the DiT paper's convention: train_gflops = 3 x forward Gflops per image
         # x images seen (global batch x steps; a backward pass costs about two forward passes).
         # Image runs only: a byte LM counts none (None).
@@ -240,6 +244,8 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.ema.update(self.model if t.fsdp else self.raw)
                 self.step += 1
+                if self.thread_tuner is not None and self.thread_tuner.after_step() != torch.get_num_threads():
+                    torch.set_num_threads(self.thread_tuner.threads)
                 if self.train_gflops is not None:
                     self.train_gflops += 3 * self.fwd_gflops * cfg.optim.batch_size
                 last_loss = logged["loss"]
@@ -252,6 +258,8 @@ class Trainer:
                     row.update(lr=self.lr_at(self.step - 1), elapsed_s=time.time() - t0)
                     if self.train_gflops is not None:
                         row["train_gflops"] = self.train_gflops
+                    if self.thread_tuner is not None:
+                        row["threads"] = torch.get_num_threads()
                     if logger:
                         logger.log(self.step, row)
                         if t.progress and not tty:

@@ -1,0 +1,216 @@
+"""The findings suite: specs, planning, `ditlab reproduce` end to end, resume after a kill, bad input."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from ditlab.cli import main
+from ditlab.errors import DitlabError
+from ditlab.experiments.specs import (FINDINGS_DIR, arm_config, check_finding, load_findings, load_suite, parse_finding,
+                                      select)
+from ditlab.experiments.stats import VERDICTS
+from ditlab.experiments.suite import plan
+from ditlab.runs import step_dir_name
+
+
+def test_every_packaged_spec_validates():
+    recipes, profiles = load_suite()
+    findings = load_findings()
+    assert set(findings) == {str(i) for i in range(4, 19)} | {"10b"}
+    for f in findings.values():
+        check_finding(f, recipes, profiles)  # arms build valid configs and models in every profile
+    # the arms' overrides reach the config: finding 7's arms differ in depth only
+    cfgs = {arm: arm_config(findings["7"], arm, profiles["cpu"], recipes)[0] for arm in findings["7"].arms}
+    assert {a: c.model.depth for a, c in cfgs.items()} == {"d6": 6, "d4": 4, "d2": 2}
+    assert len({c.model.hidden_size for c in cfgs.values()}) == 1
+
+
+def test_shared_arms_are_one_unit(tmp_path):
+    recipes, profiles = load_suite()
+    findings = load_findings()
+    chosen = select(findings, ["4", "8", "10"])
+    units, arm_runs = plan(chosen, profiles["smoke"], recipes, 2, tmp_path)
+    assert len(arm_runs) == (3 + 3 + 6) * 2
+    # 4's T1000 is 8's sincos (the recipe as it is); 10's guidance arms share the U-Net T1000 model
+    assert len(units) == (3 + 2 + 3) * 2
+    by = {(a.finding, a.arm, a.seed): a for a in arm_runs}
+    assert by[("4", "T1000", 0)].unit == by[("8", "sincos", 0)].unit
+    assert by[("4", "T1000", 0)].unit != by[("4", "T1000", 1)].unit  # seeds are separate runs
+    cfg_arms = [by[("10", a, 0)] for a in ("T1000", "cfg0.5", "cfg1.5", "cfg2.5")]
+    assert len({a.unit for a in cfg_arms}) == 1 and len({a.eval for a in cfg_arms}) == 3
+    assert cfg_arms[0].eval == cfg_arms[2].eval  # the smoke profile samples with guidance 1.5 anyway
+    # the key does not depend on where this machine keeps its data or its results
+    again, _ = plan(chosen, profiles["smoke"], recipes, 2, tmp_path / "elsewhere")
+    assert set(again) == set(units)
+
+
+def _write_findings(folder: Path, steps: int, arms: dict, expect: list, points=(0.5, 1.0)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    suite = yaml.safe_load((FINDINGS_DIR / "suite.yaml").read_text())
+    suite["profiles"]["smoke"]["budget"] = {"steps": steps}
+    suite["profiles"]["smoke"]["eval"]["points"] = list(points)
+    (folder / "suite.yaml").write_text(yaml.safe_dump(suite))
+    spec = {"id": "t1", "title": "test", "claim": "A beats B", "source": "test", "recipe": "flow",
+            "arms": arms, "expect": expect}
+    (folder / "f01_test.yaml").write_text(yaml.safe_dump(spec))
+    return folder
+
+
+def test_smoke_finding_end_to_end_through_the_cli(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["reproduce", "11", "--profile", "smoke", "--out", str(out)]) == 0
+    page = out / "finding_11"
+    for name in ("report.md", "results.json", "curves.png", "loss.png", "grid_ddpm.png", "grid_flow.png"):
+        assert (page / name).is_file(), name
+    res = json.loads((page / "results.json").read_text())
+    assert res["verdict"] in VERDICTS
+    (e,) = res["expectations"]
+    assert e["claim"] == "noninferior" and e["verdict"] in VERDICTS and len(e["effects"]) == 1
+    steps = res["steps"]
+    for arm in ("ddpm", "flow"):
+        (seed,) = res["arms"][arm]["seeds"].values()
+        assert sorted(int(p) for p in seed["points"]) == [steps // 2, steps]
+        assert 0 <= seed["points"][str(steps)]["acc"] <= 1 and seed["points"][str(steps)]["n"] == 20
+    # the flow@0.5 effect is computed from the half-budget point, the ddpm one from the end
+    flow_half = res["arms"]["flow"]["seeds"]["0"]["points"][str(steps // 2)]["fid"]
+    ddpm_end = res["arms"]["ddpm"]["seeds"]["0"]["points"][str(steps)]["fid"]
+    assert e["effects"][0]["estimate"] == pytest.approx(ddpm_end - flow_half)  # lower FID is better
+    index = (out / "REPORT.md").read_text()
+    assert "[11](finding_11/report.md)" in index and f"**{res['verdict']}**" in index
+    assert (out / ".gitignore").read_text().startswith("runs/")
+    capsys.readouterr()
+    # a second run trains nothing; `ditlab report` rewrites the same pages from the results files
+    assert main(["reproduce", "11", "--profile", "smoke", "--out", str(out)]) == 0
+    assert "0 to run" in capsys.readouterr().out
+    before = (out / "REPORT.md").read_text()
+    assert main(["report", "--out", str(out)]) == 0
+    assert (out / "REPORT.md").read_text() == before
+
+
+def test_plan_and_shards_partition_the_units(tmp_path, capsys):
+    args = ["reproduce", "7", "8", "--profile", "smoke", "--seeds", "2", "--out", str(tmp_path), "--plan"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    units = [ln.split("--unit ")[1].split()[0] for ln in lines[:-1]]
+    assert lines[-1].startswith("ditlab report") and len(units) == len(set(units)) == (3 + 3 - 1) * 2  # 8's sincos arm is 7's d4
+    shards = []
+    for i in range(2):
+        assert main([*args, "--shard", f"{i}/2"]) == 0
+        shards.append({ln.split("--unit ")[1].split()[0] for ln in capsys.readouterr().out.splitlines()[:-1]})
+    assert shards[0] | shards[1] == set(units) and not shards[0] & shards[1]
+
+
+def test_killed_reproduce_resumes_without_retraining_finished_units(tmp_path):
+    findings = _write_findings(tmp_path / "specs", 400, {"a": {"model.depth": 1}, "b": {"model.depth": 2}},
+                               [{"metric": "fid", "claim": "better", "arms": ["a", "b"]}])
+    base = [sys.executable, "-m", "ditlab.cli", "reproduce", "--profile", "smoke", "--findings", str(findings), "--threads", "1"]
+    out = tmp_path / "out"
+    plan_lines = subprocess.run([*base, "--out", str(out), "--plan"], capture_output=True, text=True, check=True).stdout.splitlines()
+    key_a, key_b = (ln.split("--unit ")[1].split()[0] for ln in plan_lines[:2])
+    subprocess.run([*base, "--out", str(out), "--unit", key_a, "--no-report"], check=True, capture_output=True)
+    record_a = (out / "units" / f"{key_a}.json").read_bytes()
+
+    # kill the full run while it trains unit b, after its first checkpoint (step 200)
+    proc = subprocess.Popen([*base, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = out / "runs" / key_b / "checkpoints" / step_dir_name(200)
+    deadline = time.time() + 120
+    while not first.is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "rerun to resume" in err and err.count("\n") == 1
+    assert not (out / "units" / f"{key_b}.json").exists()
+
+    done = subprocess.run([*base, "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "1 to run" in done.stdout and f"[{key_b}] resuming" in done.stdout and f"[{key_a}] training" not in done.stdout
+    assert (out / "units" / f"{key_a}.json").read_bytes() == record_a
+    # exact resume: the same metrics as an uninterrupted run of unit b
+    fresh = tmp_path / "fresh"
+    subprocess.run([*base, "--out", str(fresh), "--unit", key_b, "--no-report"], check=True, capture_output=True)
+    resumed = json.loads((out / "units" / f"{key_b}.json").read_text())["evals"]
+    uninterrupted = json.loads((fresh / "units" / f"{key_b}.json").read_text())["evals"]
+    strip = lambda ev: {k: {p: {m: v for m, v in x.items() if m != "sample_s"} for p, x in e["points"].items()}
+                        for k, e in ev.items()}
+    assert strip(resumed) == strip(uninterrupted)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["reproduce", "99", "--profile", "smoke"], "unknown finding id(s) 99"),
+    (["reproduce", "7", "--profile", "laptop"], "unknown profile 'laptop'"),
+    (["reproduce", "7", "--profile", "smoke", "--shard", "2/2"], "need 0 <= i < n"),
+    (["reproduce", "7", "--profile", "smoke", "--seeds", "0"], "--seeds must be at least 1"),
+    (["report", "--out", "nowhere"], "no suite results"),
+])
+def test_bad_arguments_are_one_line(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("arms, expect, message", [
+    ({"a": {"model.depthh": 2}, "b": {}}, [{"metric": "fid", "claim": "better", "arms": ["a", "b"]}], "unknown key 'model.depthh'"),
+    ({"a": {"model.depth": 2}, "b": {}}, [{"metric": "loss", "claim": "better", "arms": ["a", "b"]}], "unknown metric 'loss'"),
+    ({"a": {"model.depth": 2}, "b": {}}, [{"metric": "fid", "claim": "better", "arms": ["a", "c"]}], "no arm 'c'"),
+    ({"a": {"model.depth": 2}, "b": {}}, [{"metric": "fid", "claim": "equivalent", "arms": ["a", "b"]}], "margin"),
+    ({"a": {"model.depth": 2}, "b": {}}, [{"metric": "fid", "claim": "better", "arms": ["a@0.3", "b"]}], "not an evaluated point"),
+    ({"a": {"model.name": "unet"}, "b": {}}, [{"metric": "fid", "claim": "better", "arms": ["a", "b"]}], "does not use the DiT"),
+    ({"a": {"tokenizer.kind": "conv9"}, "b": {}}, [{"metric": "fid", "claim": "better", "arms": ["a", "b"]}], "not offered"),
+])
+def test_bad_specs_are_one_line(arms, expect, message, tmp_path, capsys):
+    findings = _write_findings(tmp_path / "specs", 4, arms, expect)
+    assert main(["reproduce", "--profile", "smoke", "--findings", str(findings), "--out", str(tmp_path / "o"), "--plan"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_a_spec_must_say_what_it_claims():
+    with pytest.raises(DitlabError, match="missing expect"):
+        parse_finding({"id": "x", "title": "t", "claim": "c", "source": "s", "recipe": "dit", "arms": {"a": {}}})
+    with pytest.raises(DitlabError, match="unknown key"):
+        parse_finding({"id": "x", "title": "t", "claim": "c", "source": "s", "recipe": "dit", "arms": {}, "expect": [],
+                       "seed": 3})
+
+
+def test_committed_reports_hold_results_not_checkpoints():
+    # a suite folder commits results files, pages and plots; its run folders stay out of git
+    root = Path(__file__).resolve().parents[1] / "reports"
+    if not root.is_dir():
+        pytest.skip("no reports folder in this checkout")
+    for path in root.rglob("*"):
+        if path.is_file() and "runs" not in path.relative_to(root).parts:
+            assert path.suffix in (".md", ".json", ".png", ".txt") or path.name == ".gitignore", path
+            assert path.stat().st_size < 2_000_000, path
+
+
+def test_language_model_findings_run_end_to_end(tmp_path):
+    # findings 1-3 on a small corpus given as the data root (<root>/text/gcide.txt.gz)
+    import gzip
+
+    words = [b"alpha ", b"beta ", b"gamma ", b"delta. ", b"The ", b"of ", b"dictionary "]
+    text = b"".join(words[(i * 7 + i // 3) % len(words)] for i in range(40000))
+    (tmp_path / "data" / "text").mkdir(parents=True)
+    with gzip.open(tmp_path / "data" / "text" / "gcide.txt.gz", "wb") as f:
+        f.write(text)
+    out = tmp_path / "out"
+    assert main(["reproduce", "2", "--profile", "smoke", "--out", str(out), "--data-dir", str(tmp_path / "data")]) == 0
+    res = json.loads((out / "finding_2" / "results.json").read_text())
+    assert res["verdict"] in VERDICTS and (out / "finding_2" / "curves.png").is_file()
+    for arm in ("full", "truncated"):
+        (seed,) = res["arms"][arm]["seeds"].values()
+        end = seed["points"][str(res["steps"])]
+        # a barely trained byte model is close to uniform: about 8 bits per byte, never above ~8.5
+        assert 6.0 < end["bpb"] < 8.5 and end["bpb_var"] > 0
+        assert end["n"] == 2048 - 1  # every byte of the first 2,048 but the first is predicted once
+    (e,) = res["expectations"]
+    assert e["claim"] == "equivalent" and e["margin"] == pytest.approx(0.02 * np.mean(e["arm_values"]["full"]))
