@@ -97,11 +97,11 @@ def test_smoke_finding_end_to_end_through_the_cli(tmp_path, capsys):
 
 
 def test_plan_and_shards_partition_the_units(tmp_path, capsys):
-    args = ["reproduce", "7", "8", "--profile", "smoke", "--seeds", "2", "--out", str(tmp_path), "--plan"]
+    args = ["reproduce", "4", "8", "--profile", "smoke", "--seeds", "2", "--out", str(tmp_path), "--plan"]
     assert main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     units = [ln.split("--unit ")[1].split()[0] for ln in lines[:-1]]
-    assert lines[-1].startswith("ditlab report") and len(units) == len(set(units)) == (3 + 3 - 1) * 2  # 8's sincos arm is 7's d4
+    assert lines[-1].startswith("ditlab report") and len(units) == len(set(units)) == (3 + 3 - 1) * 2  # 8's sincos arm is 4's T1000
     shards = []
     for i in range(2):
         assert main([*args, "--shard", f"{i}/2"]) == 0
@@ -139,7 +139,7 @@ def test_killed_reproduce_resumes_without_retraining_finished_units(tmp_path):
     subprocess.run([*base, "--out", str(fresh), "--unit", key_b, "--no-report"], check=True, capture_output=True)
     resumed = json.loads((out / "units" / f"{key_b}.json").read_text())["evals"]
     uninterrupted = json.loads((fresh / "units" / f"{key_b}.json").read_text())["evals"]
-    strip = lambda ev: {k: {p: {m: v for m, v in x.items() if m != "sample_s"} for p, x in e["points"].items()}
+    strip = lambda ev: {k: {p: {m: v for m, v in x.items() if m != "eval_s"} for p, x in e["points"].items()}
                         for k, e in ev.items()}
     assert strip(resumed) == strip(uninterrupted)
 
@@ -214,3 +214,34 @@ def test_language_model_findings_run_end_to_end(tmp_path):
         assert end["n"] == 2048 - 1  # every byte of the first 2,048 but the first is predicted once
     (e,) = res["expectations"]
     assert e["claim"] == "equivalent" and e["margin"] == pytest.approx(0.02 * np.mean(e["arm_values"]["full"]))
+
+
+def _synthetic_arms(values: dict[str, list[float]], steps: int = 10) -> dict:
+    """pages' per-arm structure with FIDs at the end of training (sampling variance 0.01)."""
+    from types import SimpleNamespace
+
+    unit = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(steps=steps)))
+    return {arm: {"unit": unit, "seeds": {i: {"points": {steps: {"fid": v, "fid_var": 0.01}}} for i, v in enumerate(vals)}}
+            for arm, vals in values.items()}
+
+
+def test_a_finding_verdict_from_its_expectations():
+    from ditlab.experiments.pages import judge
+    from ditlab.experiments.specs import Expectation, Finding
+
+    _, profiles = load_suite()
+    better = lambda a, b: Expectation("fid", "better", [a, b])
+    f = Finding("x", "t", "c", "s", "dit", {}, [better("one", "base"), better("two", "base")], verdict="any")
+    arms = _synthetic_arms({"base": [10.0, 10.2, 9.9], "one": [5.0, 5.1, 4.9], "two": [15.0, 15.2, 14.8]})
+    overall, parts = judge(f, profiles["smoke"], arms)
+    assert [p["verdict"] for p in parts] == ["reproduces", "contradicts"] and overall == "reproduces"
+    f.verdict = "all"
+    assert judge(f, profiles["smoke"], arms)[0] == "contradicts"
+    # a relative margin is a share of the reference (last) arm's mean
+    eq = Finding("x", "t", "c", "s", "dit", {}, [Expectation("fid", "equivalent", ["one", "base"], relative_margin=0.1)])
+    close = _synthetic_arms({"base": [10.0, 10.1, 9.9], "one": [10.2, 10.3, 10.1]})
+    (part,) = judge(eq, profiles["smoke"], close)[1]
+    assert part["margin"] == pytest.approx(1.0) and part["verdict"] == "reproduces"
+    # an arm without its result keeps the finding pending
+    del close["one"]["seeds"][2]["points"][10]
+    assert judge(eq, profiles["smoke"], close)[0] == "pending"

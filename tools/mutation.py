@@ -51,6 +51,8 @@ MODULES: dict[str, tuple[list[str], str | None]] = {
                        "step_sampler or resume or ranks_shard or workers or micro_batches"),
     "eval/fid.py": (["tests/test_eval_fid.py", "tests/test_eval_fid_inputs.py", "tests/test_eval_wiring.py",
                      "tests/test_eval_command.py"], None),
+    "experiments/stats.py": (["tests/test_findings_stats.py"], None),
+    "eval/scaling.py": (["tests/test_eval_scaling.py"], None),
 }
 
 # Lines not mutated (regular expressions, searched in each line).

@@ -14,20 +14,23 @@ A unit whose results file holds its training and every evaluation it needs is sk
 suite resumes from committed results on a fresh machine. A killed unit resumes from its last
 checkpoint (the trainer's exact resume); its run folder is locked against a second process.
 Every checkpoint at the profile's evaluation points (fractions of the budget) is scored with the
-EMA weights: class accuracy of class-conditional samples (binomial sampling variance) and the
-evaluator-feature FID against real test images (sampling variance by bootstrap over the samples).
+EMA weights: for images, class accuracy of class-conditional samples (binomial sampling variance)
+and the evaluator-feature FID against real test images (sampling variance by bootstrap over the
+samples); for byte LMs, bits per byte on the validation split (variance over its windows). An arm
+with a tokenizer first trains it (held-out PSNR) and then its DiT on the tokens.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
 import shutil
-from fractions import Fraction
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +54,6 @@ from ditlab.train.tokenizer import load_images, train_tokenizer
 from ditlab.train.trainer import Trainer
 
 BOOTSTRAP = 20  # resamples for the FID's sampling variance
-GRID = 100  # samples in an evaluation's grid (10 per class)
 
 
 def digest(value: Any, n: int = 10) -> str:
@@ -318,8 +320,6 @@ def ensure_tokenizer(out: Path, tok: dict, data_path: str | None, log: Callable[
 
 
 def read_loss(run_dir: Path) -> list[list[float]]:
-    import csv
-
     path = run_dir / "log.csv"
     if not path.is_file():
         return []
