@@ -216,7 +216,7 @@ def main() -> None:
         med = {p: statistics.median(t[p] for t in times["ditlab"]) for p in PHASES}
         step = statistics.median(sum(t.values()) for t in times["ditlab"])
         print(f"\n{name}: {case} | other processes busy on {busy:.2f} cores, {load_state()}")
-        print("  ditlab step   " + "  ".join(f"{p} {1e3 * med[p]:.1f}" for p in PHASES) + f"  (ms, medians)")
+        print("  ditlab step   " + "  ".join(f"{p} {1e3 * med[p]:.1f}" for p in PHASES) + "  (ms, medians)")
         print("  share         " + "  ".join(f"{p} {100 * med[p] / sum(med.values()):.0f}%" for p in PHASES))
         print(f"  ditlab        {1e3 * step:.1f} ms/step = {b / step:.0f} img/s")
         if theirs is not None:

@@ -359,7 +359,9 @@ class PatchEmbed(nn.Module):
             x = x.unsqueeze(2)  # [B, C, T=1, H, W]
         elif self.layout == "channels_as_tokens":
             x = x.unsqueeze(1)  # [B, 1, C, H, W]
-        return self.proj(x).flatten(2).transpose(1, 2)  # [B, N, D]
+        # [B, N, D], made contiguous once: the transposed view (as in timm) would otherwise carry its
+        # layout through every residual add, and each LayerNorm would copy it (values are unchanged).
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 # --------------------------------------------------------------------------- attention / MLP
@@ -380,7 +382,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope: RoPE | None = None) -> Tensor:
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        # q, k, v: [B, heads, N, head_dim] views of the qkv output (timm's permute + unbind gives the same
+        # views; split's backward writes their gradients back with one cat instead of a stack and a copy).
+        q, k, v = (t.squeeze(2).transpose(1, 2)
+                   for t in self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).split(1, dim=2))
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:

@@ -119,7 +119,11 @@ class Trainer:
         else:
             self.model = D.wrap_ddp(model, self.env) if self.env.enabled else model
         self.raw = model  # the unwrapped module (its parameters are FSDP views under FSDP)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        # CPU: the fused AdamW kernel, ~3.5x faster than the per-parameter loop torch picks on CPU (foreach is
+        # no faster there); same update up to float rounding. A resumed checkpoint keeps the kind it was saved with.
+        fused = True if self.device.type == "cpu" and not t.fsdp else None
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                                           fused=fused)
         self.step = 0
         # adapt_threads (CPU): the torch thread count follows the machine's load (`threads.py`; quickstart).
         self.thread_tuner = ThreadTuner(torch.get_num_threads()) if adapt_threads and self.device.type == "cpu" else None
