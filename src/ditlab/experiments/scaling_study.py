@@ -39,7 +39,7 @@ Claims (those named in the spec decide the verdict, together with any `expect` e
   training compute where the cheaper run ends (`better`: the DiT is lower).
 
 The gpu profile of findings 19/20 (runnable, not run here): the official DiT-S/B/L/XL x patch 8/4/2
-on ImageNet 256x256 latents (`ditlab extract-latents ... --flip`, passed as `--data-dir`), the
+on ImageNet 256x256 latents (`ditlab extract-latents ... --flip`, at the specs' `data.path`), the
 paper's recipe (Gaussian diffusion with learned sigma, AdamW 1e-4, batch 256, EMA 0.9999), set in
 the specs' `profiles.gpu.config`; scoring those needs an Inception-FID scorer in the suite.
 """
