@@ -82,6 +82,19 @@ def test_noninferiority_on_synthetic_arms():
         verdict("noninferior", same, ["A", "B"], higher_is_better=False, margin=0.0)
 
 
+def test_binomial_variance_and_the_verdict_record():
+    assert binomial_variance(0.9, 100) == pytest.approx(0.9 * 0.1 / 100)
+    assert binomial_variance(1.0, 1000) == 0.0
+    with pytest.raises(DitlabError, match="at least one sample"):
+        binomial_variance(0.5, 0)
+    two = arms(A=[0.9, 0.92, 0.91], B=[0.5, 0.52, 0.51])
+    d = verdict("equivalent", two, ["A", "B"], higher_is_better=True, margin=0.05).as_dict()
+    assert d["claim"] == "equivalent" and d["verdict"] == "contradicts" and d["margin"] == 0.05
+    (e,) = d["effects"]
+    assert (e["a"], e["b"], e["confidence"]) == ("A", "B", 0.95)
+    assert e["estimate"] == pytest.approx(0.4) and e["low"] < 0.4 < e["high"] and e["df"] == pytest.approx(4.0)
+
+
 def test_combining_verdicts():
     assert combine(["reproduces", "reproduces"]) == "reproduces"
     assert combine(["reproduces", "inconclusive"]) == "inconclusive"
