@@ -83,8 +83,10 @@ def test_noninferiority_on_synthetic_arms():
 
 
 def test_binomial_variance_and_the_verdict_record():
-    assert binomial_variance(0.9, 100) == pytest.approx(0.9 * 0.1 / 100)
-    assert binomial_variance(1.0, 1000) == 0.0
+    assert binomial_variance(0.9, 100) == pytest.approx((90.5 / 101) * (10.5 / 101) / 100)
+    # all correct still leaves the uncertainty of 1,000 draws: about (0.5/1001) / 1000
+    assert binomial_variance(1.0, 1000) == pytest.approx(0.5 / 1001 * (1000.5 / 1001) / 1000)
+    assert arm_stats([1.0], [binomial_variance(1.0, 1000)]).se > 0  # one seed at 100% is judged, not refused
     with pytest.raises(DitlabError, match="at least one sample"):
         binomial_variance(0.5, 0)
     two = arms(A=[0.9, 0.92, 0.91], B=[0.5, 0.52, 0.51])

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 from scipy import stats as st
 
-from ditlab.experiments import scaling_study
 from ditlab.config import is_language_model
+from ditlab.experiments import scaling_study
 from ditlab.experiments.specs import METRICS, Finding, Profile, split_point
-from ditlab.experiments.stats import arm_stats, combine, verdict
+from ditlab.experiments.stats import arm_stats, binomial_variance, combine, verdict
 from ditlab.experiments.suite import ArmRun, Unit, point_step, read_record
 from ditlab.io import save_text
 
@@ -65,7 +65,9 @@ def _values(arm: dict, metric: str, step: int | None) -> tuple[list[float], list
             m = seed["points"].get(step)
             if m is None:
                 return None
-            v, var = m[metric], m[f"{metric}_var"]
+            # an accuracy's sampling variance follows from it and the sample count
+            v = m[metric]
+            var = binomial_variance(v, m["n"]) if metric == "acc" else m[f"{metric}_var"]
         vals.append(v)
         vars_.append(var)
     return (vals, vars_) if vals else None

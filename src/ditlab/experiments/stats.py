@@ -82,9 +82,11 @@ class Verdict:
 
 
 def binomial_variance(p: float, n: int) -> float:
-    """Sampling variance of an accuracy p measured on n samples."""
+    """Sampling variance of an accuracy p measured on n samples: p(1-p)/n with p pulled half a
+    sample towards 1/2 (the Jeffreys estimate), so that 0% and 100% still carry their uncertainty."""
     if n < 1:
         raise DitlabError(f"an accuracy needs at least one sample, got n={n}")
+    p = (p * n + 0.5) / (n + 1)
     return p * (1.0 - p) / n
 
 
