@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ditlab import __version__
 from ditlab.codecs.tokenizers import FILE_NAME, ConvTokenizer, psnr, save_tokenizer
 from ditlab.config import Config, config_to_dict, is_language_model
 from ditlab.data import build_dataset
@@ -319,6 +321,19 @@ def ensure_tokenizer(out: Path, tok: dict, data_path: str | None, log: Callable[
         release_run_dir(folder)
 
 
+def code_version() -> dict[str, str | None]:
+    """ditlab's version, and the git commit of its source tree when it runs from a checkout."""
+    commit = None
+    try:
+        root = Path(__file__).resolve().parents[3]
+        done = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        commit = done.stdout.strip() or None if done.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"ditlab": __version__, "commit": commit}
+
+
 def read_loss(run_dir: Path) -> list[list[float]]:
     path = run_dir / "log.csv"
     if not path.is_file():
@@ -345,7 +360,7 @@ def run_unit(unit: Unit, out: Path, scorer_for: Callable[[Config], ImageScorer |
         if result.stopped != "steps":
             raise DitlabError(f"unit {unit.key} stopped ({result.stopped}) at step {result.step}; rerun to resume")
         record.update(key=unit.key, config=training_identity(unit.cfg, unit.tokenizer)["config"], seed=unit.cfg.train.seed,
-                      steps=unit.cfg.train.steps, batch_size=unit.cfg.optim.batch_size)
+                      steps=unit.cfg.train.steps, batch_size=unit.cfg.optim.batch_size, code=code_version())
         record["train"] = {"train_s": result.elapsed_s, "img_per_s": result.images_per_s, "last_loss": result.last_loss,
                            "params": count_params(build_for_counting(unit.cfg)), "fwd_gflops": result.fwd_gflops, "loss": read_loss(run_dir)}
         write_record(out, unit.key, record)
