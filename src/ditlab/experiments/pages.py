@@ -16,12 +16,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from scipy import stats as st
 
 from ditlab.config import is_language_model
 from ditlab.experiments import scaling_study
 from ditlab.experiments.specs import METRICS, Finding, Profile, split_point
-from ditlab.experiments.stats import arm_stats, binomial_variance, combine, verdict
+from ditlab.experiments.stats import arm_stats, binomial_variance, combine, mean_interval, verdict
 from ditlab.experiments.suite import ArmRun, Unit, point_step, read_record
 from ditlab.io import save_text
 
@@ -71,13 +70,6 @@ def _values(arm: dict, metric: str, step: int | None) -> tuple[list[float], list
         vals.append(v)
         vars_.append(var)
     return (vals, vars_) if vals else None
-
-
-def _interval(values: list[float], variances: list[float], confidence: float = 0.95) -> tuple[float, float]:
-    """Mean and half-width of its confidence interval (seed spread floored by sampling variance)."""
-    s = arm_stats(values, variances)
-    q = st.t.ppf(0.5 + confidence / 2, s.n - 1) if s.n > 1 else st.norm.ppf(0.5 + confidence / 2)
-    return s.mean, float(q * s.se)
 
 
 def judge(finding: Finding, profile: Profile, arms: dict) -> tuple[str, list[dict]]:
@@ -165,7 +157,7 @@ def _plot(finding: Finding, arms: dict, folder: Path) -> list[str]:
             train = next(iter(arm["seeds"].values()))["train"] or {}
             axes_x = _x_axes(unit, train, steps)
             for col, metric in enumerate(metrics):
-                mean, half = zip(*[_interval(*_values(arm, metric, p)) for p in steps])
+                mean, half = zip(*[mean_interval(*_values(arm, metric, p)) for p in steps])
                 for row, (label, x, scale) in enumerate(axes_x):
                     ax = axes[row][col]
                     line, = ax.plot(x, mean, marker="o", label=name)
@@ -203,7 +195,7 @@ def _fmt(arm: dict, metric: str, step: int | None) -> str:
     got = _values(arm, metric, step)
     if got is None:
         return "—"
-    mean, half = _interval(*got)
+    mean, half = mean_interval(*got)
     digits = 2 if metric in ("fid", "psnr") else 3
     return f"{mean:.{digits}f} ± {half:.{digits}f}"
 

@@ -52,13 +52,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import stats as st
 
 from ditlab.errors import DitlabError
 from ditlab.eval.flops import measure
 from ditlab.eval.scaling import MIN_DISTINCT_X, fit_power_law
 from ditlab.experiments.specs import Finding, Profile
-from ditlab.experiments.stats import Effect, arm_stats, combine, effect, judge_better, judge_noninferior
+from ditlab.experiments.stats import Effect, arm_stats, combine, effect, judge_better, judge_noninferior, mean_interval
 from ditlab.io import save_text
 
 MATCH = 2.0  # patch_vs_params: Gflops of the two ways of growing agree within this factor
@@ -152,12 +151,6 @@ def _pending(claim: str, names: list[str]) -> dict:
 def _result(claim: str, verdict: str, effects: list, **extra) -> dict:
     return {"metric": "fid", "claim": claim, "arms": [STATEMENTS[claim]], "higher_is_better": False,
             "verdict": verdict, "margin": None, "effects": [e.as_dict() for e in effects], **extra}
-
-
-def _mean_ci(values: list[float], variances: list[float]) -> tuple[float, float]:
-    s = arm_stats(values, variances)
-    q = st.t.ppf(0.975, s.n - 1) if s.n > 1 else st.norm.ppf(0.975)
-    return s.mean, float(q * s.se)
 
 
 # ---- the claims ---------------------------------------------------------------------------------
@@ -290,7 +283,7 @@ def _plots(points: list[Point], fit: dict | None, folder: Path) -> list[str]:
     for p in points:
         if not p.curves or not all(c and c[-1][0] == p.steps[-1] for c in p.curves.values()):
             continue
-        mean, half = _mean_ci(*p.end())
+        mean, half = mean_interval(*p.end())
         colour, marker = ("black", "X") if p.kind == "unet" else (colours[p.size], markers[p.patch])
         label = f"{p.name} (U-Net, not fitted)" if p.kind == "unet" else f"{p.name}: {p.size_label}, patch {p.patch}"
         ax.errorbar([p.gflops], [mean], yerr=[[min(half, mean * 0.99)], [half]], fmt=marker, color=colour, label=label, capsize=3)
@@ -351,7 +344,7 @@ def _lines(points: list[Point], parts: dict[str, dict], claimed: list[str]) -> l
         ends = [c for c in p.curves.values() if c and c[-1][0] == p.steps[-1]]
         fid = "—"
         if ends:
-            mean, half = _mean_ci([c[-1][1] for c in ends], [c[-1][2] for c in ends])
+            mean, half = mean_interval([c[-1][1] for c in ends], [c[-1][2] for c in ends])
             fid = f"{mean:.2f} ± {half:.2f}"
         model = "U-Net" if p.kind == "unet" else f"DiT {p.size_label}"
         lines.append(f"| {p.name} | {model} | {p.patch or '—'} | {p.tokens or '—'} | {p.params / 1e6:.2f} M | {p.gflops:.4g} "

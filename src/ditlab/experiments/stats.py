@@ -103,6 +103,14 @@ def arm_stats(values: Sequence[float], sampling_var: Sequence[float] | None = No
     return ArmStats(float(v.mean()), max(spread, floor) / n, n, [float(x) for x in v])
 
 
+def mean_interval(values: Sequence[float], sampling_var: Sequence[float] | None = None,
+                  confidence: float = 0.95) -> tuple[float, float]:
+    """An arm's mean and the half-width of its confidence interval (t over seeds; normal for one seed)."""
+    s = arm_stats(values, sampling_var)
+    q = stats.t.ppf(0.5 + confidence / 2, s.n - 1) if s.n > 1 else stats.norm.ppf(0.5 + confidence / 2)
+    return s.mean, float(q * s.se)
+
+
 def effect(a: ArmStats, b: ArmStats, *, higher_is_better: bool, names: tuple[str, str] = ("A", "B"),
            confidence: float = 0.95) -> Effect:
     """Welch interval of mean(A) - mean(B), sign flipped when lower is better."""
