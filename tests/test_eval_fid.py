@@ -113,3 +113,25 @@ def test_reference_roundtrip(tmp_path):
     np.savez(tmp_path / "bad.npz", x=np.zeros(2))
     with pytest.raises(DitlabError, match="neither"):
         read_reference(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("n", [50, 5])  # more samples than dimensions (d x d route), fewer (n x n Gram route)
+def test_frechet_reference_equals_the_sqrtm_formula(n):
+    """Distances to a fixed reference equal |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrtm(S1 S2),
+    with scipy's sqrtm as the independent reference."""
+    from ditlab.eval.fid import FrechetReference, feature_stats
+
+    rng = np.random.default_rng(0)
+    d = 12
+    ref = rng.normal(size=(60, d)) @ rng.normal(size=(d, d))
+    feats = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + 0.5
+    mu2, s2 = feature_stats(ref)
+    mu1, s1 = feature_stats(feats)
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    expected = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean).real)
+    got = FrechetReference(mu2, s2).distance(feats)
+    # float64 throughout; sqrtm of a singular product (n < d) is accurate to about sqrt(eps) of its scale
+    eps = np.finfo(np.float64).eps
+    tol = 1e-9 * abs(expected) if n > d else d * np.sqrt(eps * np.linalg.norm(s1 @ s2, 2))
+    assert got == pytest.approx(expected, abs=tol)
+    assert FrechetReference(mu1, s1).distance(feats) == pytest.approx(0.0, abs=d * np.sqrt(eps * np.linalg.norm(s1, 2) ** 2))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from ditlab.cli import main
@@ -95,6 +96,35 @@ def test_smoke_finding_end_to_end_through_the_cli(tmp_path, capsys):
     before = (out / "REPORT.md").read_text()
     assert main(["report", "--out", str(out)]) == 0
     assert (out / "REPORT.md").read_text() == before
+
+
+def test_tokenizer_arm_trains_the_same_tokenizer_as_the_command(tmp_path, capsys):
+    """A tokenizer arm trains its tokenizer, then a DiT on its tokens; the tokenizer is the one that
+    `ditlab train-tokenizer` trains with the same settings, and its PSNR is recomputed from the file."""
+    findings = _write_findings(tmp_path / "specs", 2, {"dim4": {"tokenizer.kind": "conv1", "tokenizer.token_dim": 4,
+                                                               "model.patch_size": 1}},
+                               [{"metric": "psnr", "claim": "equivalent", "arms": ["dim4", "dim4"], "margin": 1.0}], points=(1.0,))
+    out = tmp_path / "out"
+    assert main(["reproduce", "--profile", "smoke", "--findings", str(findings), "--out", str(out), "--threads", "1"]) == 0
+    (record,) = [json.loads(p.read_text()) for p in (out / "units").glob("flow-*.json")]
+    tok = record["tokenizer"]
+    assert record["config"]["model"]["in_channels"] == 4 and record["config"]["model"]["input_size"] == 14
+    settings = tok["tokenizer"]
+    assert main(["train-tokenizer", "--kind", "conv1", "--token-dim", "4", "--data", settings["data"],
+                 "--steps", str(settings["steps"]), "--batch-size", str(settings["batch_size"]),
+                 "--seed", str(settings["seed"]), "--device", "cpu", "--out", str(tmp_path / "cmd")]) == 0
+    capsys.readouterr()
+    from ditlab.codecs.tokenizers import evaluate_psnr, load_tokenizer
+    from ditlab.train.tokenizer import load_images
+
+    suite_tok = load_tokenizer(out / "runs" / tok["key"])
+    command_tok = load_tokenizer(tmp_path / "cmd")
+    for name, value in suite_tok.state_dict().items():
+        assert torch.equal(value, command_tok.state_dict()[name]), name
+    test = load_images(settings["data"], None, "test")
+    assert tok["psnr"] == pytest.approx(evaluate_psnr(suite_tok, test), abs=1e-9)
+    assert json.loads((tmp_path / "cmd" / "metrics.json").read_text())["test_psnr"] == pytest.approx(tok["psnr"], abs=1e-9)
+    assert tok["psnr_var"] > 0
 
 
 def test_plan_and_shards_partition_the_units(tmp_path, capsys):
@@ -215,6 +245,23 @@ def test_language_model_findings_run_end_to_end(tmp_path):
         assert end["n"] == 2048 - 1  # every byte of the first 2,048 but the first is predicted once
     (e,) = res["expectations"]
     assert e["claim"] == "equivalent" and e["margin"] == pytest.approx(0.02 * np.mean(e["arm_values"]["full"]))
+    # memory use at the end of training: bits per byte by segment, memory on and reset, recomputed
+    # here from the final checkpoint position by position
+    from ditlab.data.text import ByteCorpus
+    from ditlab.eval.lm import bpb_by_position
+    from ditlab.runs import load_run
+
+    (seed,) = res["arms"]["full"]["seeds"].values()
+    use = seed["memory_use"]
+    run = load_run(out / "runs" / seed["unit"] / "checkpoints" / step_dir_name(res["steps"]))
+    seq_len, segment = run.cfg.model.lm_seq_len, run.cfg.model.lm_segment_len
+    corpus = ByteCorpus(str(tmp_path / "data" / "text" / "gcide.txt.gz"), "val")
+    for memory, key in ((True, "memory"), (False, "reset")):
+        per_position = bpb_by_position(run.model, corpus, seq_len, 16, max_windows=(2048 - 1) // seq_len, memory=memory)
+        assert [sp[key] for sp in use["spans"]] == pytest.approx(per_position.reshape(-1, segment).mean(1), rel=1e-12)
+    assert [sp["positions"] for sp in use["spans"]] == [[a, a + segment] for a in range(0, seq_len, segment)]
+    report = (out / "finding_2" / "report.md").read_text()
+    assert "## Memory use" in report and (out / "finding_2" / "memory.png").is_file()
 
 
 def _synthetic_arms(values: dict[str, list[float]], steps: int = 10) -> dict:
@@ -246,3 +293,61 @@ def test_a_finding_verdict_from_its_expectations():
     # an arm without its result keeps the finding pending
     del close["one"]["seeds"][2]["points"][10]
     assert judge(eq, profiles["smoke"], close)[0] == "pending"
+
+
+def test_arms_at_chance_accuracy_are_flagged_from_their_interval():
+    """An arm is flagged when the lower end of its accuracy interval is at or below 1 / classes."""
+    from types import SimpleNamespace
+
+    from ditlab.config import Config
+    from ditlab.experiments.pages import arms_at_chance
+    from ditlab.experiments.stats import binomial_variance
+
+    cfg = Config()
+    cfg.train.steps = 10
+    n = 1000
+
+    def arm(accs):
+        return {"unit": SimpleNamespace(cfg=cfg), "seeds": {i: {"points": {10: {"acc": a, "n": n}}} for i, a in enumerate(accs)}}
+
+    arms = {"chance": arm([0.10, 0.11, 0.09]), "learned": arm([0.60, 0.62, 0.61]), "close": arm([0.13, 0.14, 0.15])}
+    flagged = arms_at_chance(arms)
+    assert list(flagged) == ["chance"]
+    # the flag follows the Welch/t interval: mean 0.10, seed sd 0.01 (> the binomial floor), t(2) quantile 4.303
+    half = 4.302653 * max(0.01**2, np.mean([binomial_variance(a, n) for a in (0.10, 0.11, 0.09)])) ** 0.5 / 3**0.5
+    assert flagged["chance"] == f"{0.10:.3f} ± {half:.3f}"
+    # one seed at 0.13 of 1,000 samples: the binomial interval (±0.021) clears 0.10; of 100 samples it does not
+    assert not arms_at_chance({"one": arm([0.13])})
+    n = 100
+    assert list(arms_at_chance({"one": arm([0.13])})) == ["one"]
+    cfg.model.num_classes = 0  # unconditional models have no class accuracy to be at chance
+    assert not arms_at_chance(arms)
+
+
+def test_inception_scorer_scores_decoded_samples_against_the_reference(tmp_path):
+    """Data the evaluator CNN does not know (ImageNet latents) is scored by Inception FID of the samples
+    against the profile's reference file, never the reference against itself; no class accuracy."""
+    from ditlab.config import Config
+    from ditlab.eval.fid import FrechetReference, feature_stats
+    from ditlab.eval.inception import FIDInceptionV3, load_inception
+    from ditlab.eval.metrics import inception_features
+    from ditlab.experiments.suite import InceptionScorer, build_scorer
+
+    torch.manual_seed(0)
+    torch.save(FIDInceptionV3().state_dict(), tmp_path / "inception.pth")  # random weights: the wiring is under test
+    rng = np.random.default_rng(0)
+    samples, real = (rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8) for _ in range(2))
+    np.savez(tmp_path / "ref.npz", arr_0=real)
+    cfg = Config()
+    cfg.data.source = "latents"
+    protocol = {"inception": str(tmp_path / "inception.pth"), "inception_reference": str(tmp_path / "ref.npz")}
+    scorer = build_scorer(cfg, protocol)
+    assert isinstance(scorer, InceptionScorer)
+    m = scorer.score(samples, np.arange(6) % 3, seed=0)
+    net = load_inception(tmp_path / "inception.pth")
+    expected = FrechetReference(*feature_stats(inception_features(net, real)["pool3"])).distance(
+        inception_features(net, samples)["pool3"])
+    assert m["fid"] == pytest.approx(expected, rel=1e-9) and m["fid"] > 0
+    assert m["fid_var"] > 0 and m["n"] == 6 and "acc" not in m
+    with pytest.raises(DitlabError, match="eval.inception_reference"):
+        build_scorer(cfg, {})

@@ -129,6 +129,12 @@ def test_patch_vs_params_and_the_unet_context(tmp_path):
     (pair,) = out["results"][0]["pairs"]
     assert (pair["base"], pair["halved_patch"], pair["grown_model"]) == ("S4", "S2", "B4")
     assert analyse(["patch_vs_params"], grid(45.0), tmp_path)["verdict"] == "contradicts"
+    # a larger model more than 2x the finer patch's Gflops away is no matched comparison
+    far = grid(25.0)
+    far["B4"] = arm(70.0, [[50, 40, 30]], hidden=96, depth=3, heads=3, patch=4, params=564_000)
+    (tmp_path / "far").mkdir()
+    (res,) = analyse(["patch_vs_params"], far, tmp_path / "far")["results"]
+    assert res["verdict"] == "inconclusive" and res["pairs"] == []
     # the U-Net is no grid point; its comparison is context, not part of the verdict
     assert [r["claim"] for r in out["results"]] == ["patch_vs_params"]
     assert "**unet_vs_dit** (context)" in "\n".join(out["lines"])

@@ -156,10 +156,15 @@ def psnr(x: Tensor, ref: Tensor, data_range: float = 2.0) -> float:
 
 
 @torch.no_grad()
-def evaluate_psnr(tok: ConvTokenizer, images: Tensor, batch_size: int = 500) -> float:
-    """PSNR of the clipped reconstructions of `images` (the images a DiT sample would show)."""
+def clipped_reconstructions(tok: ConvTokenizer, images: Tensor, batch_size: int = 500) -> Tensor:
+    """The reconstructions of `images` clipped to [-1, 1] (the images a DiT sample would show)."""
     was_training = tok.training
     tok.eval()
     recon = torch.cat([tok.reconstruct(images[i : i + batch_size]).clamp(-1, 1) for i in range(0, len(images), batch_size)])
     tok.train(was_training)
-    return psnr(recon, images)
+    return recon
+
+
+def evaluate_psnr(tok: ConvTokenizer, images: Tensor, batch_size: int = 500) -> float:
+    """PSNR of the clipped reconstructions of `images`."""
+    return psnr(clipped_reconstructions(tok, images, batch_size), images)

@@ -16,14 +16,13 @@ import json
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ditlab.commands import train as train_command
 from ditlab.config import LM_MODEL, is_language_model, load_config, split_config_args
 from ditlab.data.text import ByteCorpus
 from ditlab.errors import DitlabError
-from ditlab.eval.lm import bits_per_byte, bpb_by_position, passkey_accuracy, passkey_sequences
+from ditlab.eval.lm import bits_per_byte, memory_use, passkey_accuracy, passkey_sequences
 from ditlab.io import write_atomic
 from ditlab.runs import Run, load_run, resolve_device
 from ditlab.sampling import generate_text
@@ -155,22 +154,15 @@ def _by_position(model: torch.nn.Module, corpus: ByteCorpus, seq_len: int, args:
                  segment_len: int | None) -> dict:
     """Bits per byte by position, averaged per segment (Infini) or over 8 spans of the window (vanilla)."""
     max_windows = None if args.max_bytes is None else (args.max_bytes - 1) // seq_len
-    memory = bpb_by_position(model, corpus, seq_len, args.batch_size, max_windows)
-    reset = bpb_by_position(model, corpus, seq_len, args.batch_size, max_windows, memory=False) if segment_len else None
-    spans = [(a, min(a + segment_len, seq_len)) for a in range(0, seq_len, segment_len)] if segment_len else \
-        [(int(s[0]), int(s[-1]) + 1) for s in np.array_split(np.arange(seq_len), min(8, seq_len))]
+    result = memory_use(model, corpus, seq_len, args.batch_size, segment_len, max_windows)
     print("bits per byte by position in the window" + (" (memory on | memory reset every segment | gain)"
                                                        if segment_len else " (vanilla: no memory to reset)"))
-    rows = []
-    for a, b in spans:
-        row = {"positions": [a, b], "memory": float(memory[a:b].mean())}
-        text = f"  bytes {a:>6}-{b - 1:<6} {row['memory']:.4f}"
-        if reset is not None:
-            row["reset"] = float(reset[a:b].mean())
+    for row in result["spans"]:
+        (a, b), text = row["positions"], f"{row['memory']:.4f}"
+        if "reset" in row:
             text += f" | {row['reset']:.4f} | {row['reset'] - row['memory']:+.4f}"
-        print(text)
-        rows.append(row)
-    return {"windows": max_windows, "spans": rows}
+        print(f"  bytes {a:>6}-{b - 1:<6} {text}")
+    return result
 
 
 def _passkey_layout(seq_len: int, args: argparse.Namespace, segment_len: int | None) -> tuple[int, int, list[int]]:

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ditlab.codecs.tokenizers import FILE_NAME, TOKENIZER_KINDS, ConvTokenizer, evaluate_psnr, save_tokenizer
+from ditlab.codecs.tokenizers import FILE_NAME, TOKENIZER_KINDS, evaluate_psnr, save_tokenizer
 from ditlab.errors import DitlabError
 from ditlab.io import check_writable
-from ditlab.train.tokenizer import load_images, train_tokenizer
+from ditlab.train.tokenizer import fit_tokenizer
 
 
 def _writable_dir(out: Path) -> Path:
@@ -47,23 +47,13 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.batch_size < 1:
         raise DitlabError("--steps and --batch-size must be positive")
     out = _writable_dir(Path(args.out))  # fail now, not after the training run
-    torch.manual_seed(args.seed)
-    train = load_images(args.data, args.data_path, "train")
-    test = load_images(args.data, args.data_path, "test")
-    side = train.shape[-1]
-    down = TOKENIZER_KINDS[args.kind][0]
-    if side % down:
-        raise DitlabError(f"image size {side} is not divisible by the {args.kind} patch size {down}")
-    tok = ConvTokenizer(args.kind, args.token_dim, in_channels=train.shape[1], hidden=args.hidden).to(args.device)
-    print(f"training {args.kind} tokenizer (token dim {args.token_dim}, {side // down}x{side // down} tokens) "
-          f"on {len(train)} {args.data} images, {args.steps} steps", flush=True)
-    gen = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
-    losses = train_tokenizer(tok, train, args.steps, batch_size=args.batch_size, lr=args.lr, generator=gen,
-                             log_every=max(args.steps // 10, 1))
+    tok, train, test, losses = fit_tokenizer(args.kind, args.token_dim, args.data, args.data_path, args.steps,
+                                             hidden=args.hidden, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                             device=args.device, log_every=max(args.steps // 10, 1))
     seconds = time.time() - t0
+    side = train.shape[-1] // TOKENIZER_KINDS[args.kind][0]
     test_dev, train_dev = test.to(args.device), train.to(args.device)
-    tok.fit_normalisation(train_dev)
     metrics = {
         "kind": args.kind,
         "token_dim": args.token_dim,
@@ -74,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         "train_psnr": evaluate_psnr(tok, train_dev[:5000]),
         "test_psnr": evaluate_psnr(tok, test_dev),
         "final_train_mse": float(np.mean(losses[-50:])),
-        "latent_shape": [args.token_dim, side // down, side // down],
+        "latent_shape": [args.token_dim, side, side],
         "train_seconds": round(seconds, 1),
     }
     try:
@@ -86,5 +76,5 @@ def run(args: argparse.Namespace) -> int:
         raise DitlabError(f"cannot write {out}: {e.strerror or e}") from None
     print(f"test PSNR {metrics['test_psnr']:.2f} dB on {len(test)} held-out images "
           f"(train {metrics['train_psnr']:.2f} dB); wrote {out / FILE_NAME}")
-    print(f"use it with: vae.path={out / FILE_NAME} model.in_channels={args.token_dim} model.input_size={side // down}")
+    print(f"use it with: vae.path={out / FILE_NAME} model.in_channels={args.token_dim} model.input_size={side}")
     return 0

@@ -126,6 +126,28 @@ def bpb_by_position(model: nn.Module, data: ByteCorpus | np.ndarray | bytes, seq
     return (sums / n / LN2).numpy()
 
 
+def memory_use(model: nn.Module, data: ByteCorpus | np.ndarray | bytes, seq_len: int, batch_size: int,
+               segment_len: int | None, max_windows: int | None = None) -> dict:
+    """Bits per byte by span of the window, with the memory on and (Infini) reset at every segment.
+
+    The spans are the segments of an Infini model (segment_len) or 8 equal spans of a vanilla
+    model's window (segment_len None; it has no memory to reset). Where the memory is used, the
+    bits per byte of later segments fall below those with the memory reset ("reset" - "memory" > 0).
+    Returns {"windows": max_windows, "spans": [{"positions": [a, b], "memory": bpb, "reset": bpb}, ...]}.
+    """
+    memory = bpb_by_position(model, data, seq_len, batch_size, max_windows)
+    reset = bpb_by_position(model, data, seq_len, batch_size, max_windows, memory=False) if segment_len else None
+    spans = [(a, min(a + segment_len, seq_len)) for a in range(0, seq_len, segment_len)] if segment_len else \
+        [(int(s[0]), int(s[-1]) + 1) for s in np.array_split(np.arange(seq_len), min(8, seq_len))]
+    rows = []
+    for a, b in spans:
+        row = {"positions": [a, b], "memory": float(memory[a:b].mean())}
+        if reset is not None:
+            row["reset"] = float(reset[a:b].mean())
+        rows.append(row)
+    return {"windows": max_windows, "spans": rows}
+
+
 def passkey_sequences(distance: int, n_segments: int, segment_len: int, n_trials: int, n_digits: int = 5,
                       generator: torch.Generator | None = None,
                       filler: bytes = PASSKEY_FILLER) -> tuple[Tensor, list[bytes]]:

@@ -21,7 +21,7 @@ from ditlab.config import is_language_model
 from ditlab.experiments import scaling_study
 from ditlab.experiments.specs import METRICS, Finding, Profile, split_point
 from ditlab.experiments.stats import arm_stats, binomial_variance, combine, mean_interval, verdict
-from ditlab.experiments.suite import ArmRun, Unit, point_step, read_record
+from ditlab.experiments.suite import EVALUATOR_DATA, ArmRun, Unit, point_step, read_record
 from ditlab.io import save_text
 
 METRIC_NAMES = {"acc": "class accuracy", "fid": "FID (evaluator features)", "psnr": "tokenizer PSNR (dB)",
@@ -30,8 +30,11 @@ COLUMN = {"acc": "acc", "fid": "FID", "bpb": "bpb"}
 
 
 def curve_metrics(arms: dict) -> list[str]:
-    """The metrics measured along training: bits per byte for byte LMs, accuracy and FID for images."""
-    return ["bpb"] if any(is_language_model(a["unit"].cfg) for a in arms.values()) else ["acc", "fid"]
+    """The metrics measured along training: bits per byte for byte LMs; FID for images, and class
+    accuracy where the evaluator CNN scored them (MNIST, Fashion-MNIST; not Inception-scored data)."""
+    if any(is_language_model(a["unit"].cfg) for a in arms.values()):
+        return ["bpb"]
+    return ["acc", "fid"] if all(a["unit"].cfg.data.source in EVALUATOR_DATA for a in arms.values()) else ["fid"]
 
 
 def _arm_values(finding: Finding, arm_runs: list[ArmRun], units: dict[str, Unit], out: Path) -> dict:
@@ -48,6 +51,8 @@ def _arm_values(finding: Finding, arm_runs: list[ArmRun], units: dict[str, Unit]
         tok = read_record(out, ar.tokenizer) if ar.tokenizer else None
         if tok:
             seed["psnr"] = (tok["psnr"], tok["psnr_var"])
+        if record.get("memory_use"):
+            seed["memory_use"] = record["memory_use"]
         entry["seeds"][ar.seed] = seed
     return arms
 
@@ -62,7 +67,7 @@ def _values(arm: dict, metric: str, step: int | None) -> tuple[list[float], list
             v, var = seed["psnr"]
         else:
             m = seed["points"].get(step)
-            if m is None:
+            if m is None or metric not in m:
                 return None
             # an accuracy's sampling variance follows from it and the sample count
             v = m[metric]
@@ -108,6 +113,28 @@ def judge(finding: Finding, profile: Profile, arms: dict) -> tuple[str, list[dic
     return overall, results
 
 
+def arms_at_chance(arms: dict) -> dict[str, str]:
+    """Image arms whose samples at the end of training are not recognised above chance.
+
+    An arm is at chance when the lower end of the 95% interval of its class accuracy (over seeds,
+    floored by the binomial sampling variance) is at or below 1 / classes. Its FID then compares
+    samples that do not show their class yet: early training, which claims about trained models
+    do not speak of. Returns {arm: "mean ± half-width"}.
+    """
+    out = {}
+    for name, arm in arms.items():
+        cfg = arm["unit"].cfg
+        if is_language_model(cfg) or cfg.model.num_classes < 2 or cfg.data.source not in EVALUATOR_DATA:
+            continue
+        got = _values(arm, "acc", cfg.train.steps)
+        if got is None:
+            continue
+        mean, half = mean_interval(*got)
+        if mean - half <= 1.0 / cfg.model.num_classes:
+            out[name] = f"{mean:.3f} ± {half:.3f}"
+    return out
+
+
 def _statement(r: dict) -> str:
     sign = " > " if r["claim"] in ("better", "ordering") else " ≈ " if r["claim"] == "equivalent" else " ≥ "
     return sign.join(r["arms"])
@@ -122,10 +149,12 @@ def _effects_text(r: dict) -> str:
 
 
 def _x_axes(unit: Unit, train: dict, steps: list[int]) -> list[tuple[str, list[float], str]]:
-    """The two x axes of the curves: epochs and training Gflops for images, steps and bytes for LMs."""
+    """The two x axes of the curves: epochs and training Gflops for images, steps and wall time for LMs."""
     batch = unit.cfg.optim.batch_size
     if is_language_model(unit.cfg):
-        return [("training step", steps, "linear"), ("training bytes", [p * batch * unit.cfg.model.lm_seq_len for p in steps], "log")]
+        per_step = (train.get("train_s") or float("nan")) / unit.cfg.train.steps
+        return [("training step", steps, "linear"), ("training time (s, at the run's mean step rate)",
+                                                      [p * per_step for p in steps], "linear")]
     fwd = train.get("fwd_gflops") or float("nan")
     return [("epochs", [p * batch / unit.dataset_images for p in steps], "linear"),
             ("training Gflops (3 x forward x images)", [3 * fwd * p * batch for p in steps], "log")]
@@ -147,13 +176,15 @@ def _plot(finding: Finding, arms: dict, folder: Path) -> list[str]:
 
     written = []
     metrics = curve_metrics(arms)
-    if any(s["points"] for a in arms.values() for s in a["seeds"].values()):
+    # an arm's curve: the points that every seed of it has reached
+    complete = {name: [p for p in arm["unit"].points if _values(arm, metrics[0], p) is not None] for name, arm in arms.items()}
+    if any(complete.values()):
         fig, axes = plt.subplots(2, len(metrics), figsize=(5.5 * len(metrics), 7.5), squeeze=False)
         for name, arm in arms.items():
-            unit = arm["unit"]
-            steps = [p for p in unit.points if _values(arm, metrics[0], p) is not None]
+            steps = complete[name]
             if not steps:
                 continue
+            unit = arm["unit"]
             train = next(iter(arm["seeds"].values()))["train"] or {}
             axes_x = _x_axes(unit, train, steps)
             for col, metric in enumerate(metrics):
@@ -191,6 +222,58 @@ def _plot(finding: Finding, arms: dict, folder: Path) -> list[str]:
     return written
 
 
+def memory_use_section(arms: dict, folder: Path) -> tuple[list[str], list[str]]:
+    """Byte LMs: bits per byte by segment of the window at the end of training, memory on and reset
+    at every segment, mean over seeds with 95% CIs; a figure of both. Returns (report lines, figures)."""
+    rows, curves = [], {}
+    for name, arm in arms.items():
+        uses = [s.get("memory_use") for s in arm["seeds"].values()]
+        if not uses or not all(uses):
+            continue
+        spans = uses[0]["spans"]
+        on = np.array([[sp["memory"] for sp in u["spans"]] for u in uses])  # [seeds, spans]
+        reset = np.array([[sp["reset"] for sp in u["spans"]] for u in uses]) if "reset" in spans[0] else None
+        for i, sp in enumerate(spans):
+            cells = [_seed_interval(on[:, i])]
+            cells += (["—", "—"] if reset is None else
+                      [_seed_interval(reset[:, i]), _seed_interval(reset[:, i] - on[:, i], signed=True)])
+            rows.append(f"| {name} | {sp['positions'][0]}-{sp['positions'][1] - 1} | " + " | ".join(cells) + " |")
+        centres = [(a + b) / 2 for a, b in (sp["positions"] for sp in spans)]
+        curves[name] = (centres, on.mean(0), None if reset is None else reset.mean(0))
+    if not rows:
+        return [], []
+    lines = ["", "## Memory use (end of training)", "",
+             "Bits per byte by position in the window on the same validation bytes, with the memory on and reset at "
+             "every segment (an Infini model then sees only its own segment; a vanilla model has no memory to reset). "
+             "Gain = reset - on: positive where the memory carries context across segments. Mean ± 95% CI over seeds.", "",
+             "| arm | bytes | memory on | memory reset | gain |", "|---|---|---|---|---|", *rows]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, (x, on, reset) in curves.items():
+        line, = ax.plot(x, on, marker="o", label=f"{name}, memory on")
+        if reset is not None:
+            ax.plot(x, reset, marker="x", ls="--", color=line.get_color(), label=f"{name}, memory reset")
+    ax.set(xlabel="position in the window (bytes, span centre)", ylabel="bits per byte (mean over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "memory.png", dpi=90)
+    plt.close(fig)
+    return lines, ["memory.png"]
+
+
+def _seed_interval(values: list[float], signed: bool = False) -> str:
+    """mean ± 95% CI half-width over seeds (the value alone for one seed)."""
+    fmt = "+.4f" if signed else ".4f"
+    if len(values) < 2:
+        return f"{values[0]:{fmt}}"
+    mean, half = mean_interval(values)
+    return f"{mean:{fmt}} ± {half:.4f}"
+
+
 def _fmt(arm: dict, metric: str, step: int | None) -> str:
     got = _values(arm, metric, step)
     if got is None:
@@ -204,10 +287,14 @@ def _protocol(cfg, ev: dict, reference: dict | None) -> str:
     if is_language_model(cfg):
         return (f"bits per byte on the first {ev['lm_bytes']:,} bytes of the corpus' validation split, in windows "
                 f"of the model's context ({cfg.model.lm_seq_len} bytes; `ditlab lm eval`'s protocol).")
-    return (f"{ev['samples']} class-conditional samples (labels cycled 0-9) with the objective's fixed sampler "
-            f"(ddim / euler / shortcut; steps {ev['steps']}), guidance {ev['cfg_scale']:g} unless the arm sets `sample.*`; "
-            f"class accuracy by ditlab's evaluator CNN; FID of its 128-d features against {ev['reference']} real test images."
-            + (f" Real-data floor at this sample count: FID {reference['fid']:.2f}." if reference else ""))
+    sampled = (f"{ev['samples']} class-conditional samples (labels cycled over the classes) with the objective's fixed "
+               f"sampler (ddim / euler / shortcut; steps {ev['steps']}), guidance {ev['cfg_scale']:g} unless the arm sets "
+               "`sample.*`; ")
+    if cfg.data.source not in EVALUATOR_DATA:
+        return sampled + (f"Inception-v3 FID (pool3, 2048-d) of the decoded samples against the reference statistics "
+                          f"`{ev.get('inception_reference')}`.")
+    return (sampled + f"class accuracy by ditlab's evaluator CNN; FID of its 128-d features against {ev['reference']} "
+            "real test images." + (f" Real-data floor at this sample count: FID {reference['fid']:.2f}." if reference else ""))
 
 
 def write_finding(finding: Finding, profile: Profile, arm_runs: list[ArmRun], units: dict[str, Unit], out: Path,
@@ -222,7 +309,8 @@ def write_finding(finding: Finding, profile: Profile, arm_runs: list[ArmRun], un
     any_unit = next(iter(arms.values()))["unit"]
     steps = any_unit.cfg.train.steps
     seeds = max(len(a["seeds"]) for a in arms.values())
-    figures = _plot(finding, arms, folder) + extra.get("figures", [])
+    memory_lines, memory_figures = memory_use_section(arms, folder)
+    figures = _plot(finding, arms, folder) + extra.get("figures", []) + memory_figures
     grids = {}
     for name, arm in arms.items():
         first = arm["seeds"].get(0)
@@ -235,6 +323,12 @@ def write_finding(finding: Finding, profile: Profile, arm_runs: list[ArmRun], un
     lines = [f"# Finding {finding.id}: {finding.title}", "", f"> {finding.claim}", "", f"Source: {finding.source}.", "",
              f"**Verdict: {overall}** (profile `{profile.name}`, {seeds} seed{'s' * (seeds > 1)}, "
              f"recipe `{finding.recipe}`).", ""]
+    chance = arms_at_chance(arms)
+    if chance:
+        lines += [f"**Early training.** At the end of this budget the samples of {len(chance)} of {len(arms)} arms are not "
+                  f"recognised above chance (class accuracy {', '.join(f'{a} {v}' for a, v in chance.items())}; "
+                  f"chance {1 / any_unit.cfg.model.num_classes:g}): their comparison is of models that do not draw "
+                  "their class yet.", ""]
     if finding.note:
         lines += [finding.note, ""]
     lines += ["## Expectations", "", "| statement | metric | at | effect [95% CI] (positive = as claimed) | verdict |", "|---|---|---|---|---|"]
@@ -246,7 +340,7 @@ def write_finding(finding: Finding, profile: Profile, arm_runs: list[ArmRun], un
     head = ["arm", "overrides"] + [f"{COLUMN[m]} @{f:g}" for f in fracs for m in metrics]
     has_psnr = any("psnr" in s for a in arms.values() for s in a["seeds"].values())
     head += (["PSNR"] if has_psnr else []) + ["params", "fwd Gflops", "samples/s", "seeds done"]
-    lines += extra.get("lines", [])  # the scaling analysis section
+    lines += extra.get("lines", []) + memory_lines  # the scaling analysis, the LMs' memory use
     lines += ["", "## Arms (mean ± 95% CI over seeds)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     arm_rows = {}
     for name, arm in arms.items():
@@ -265,6 +359,7 @@ def write_finding(finding: Finding, profile: Profile, arm_runs: list[ArmRun], un
         lines.append("| " + " | ".join(row) + " |")
         arm_rows[name] = {"overrides": finding.arms_for(profile.name)[name], "sampling": arm["eval"],
                           "seeds": {str(k): {"unit": s["unit"], "points": s["points"], "psnr": s.get("psnr"),
+                                             "memory_use": s.get("memory_use"),
                                              "train": {k2: v for k2, v in (s["train"] or {}).items() if k2 != "loss"}}
                                     for k, s in arm["seeds"].items()}}
     cfg = any_unit.cfg
@@ -286,7 +381,7 @@ def write_finding(finding: Finding, profile: Profile, arm_runs: list[ArmRun], un
     summary = {"id": finding.id, "title": finding.title, "claim": finding.claim, "source": finding.source,
                "profile": profile.name, "seeds": seeds, "steps": steps, "batch_size": cfg.optim.batch_size,
                "data": cfg.data.source, "amount": _amount(any_unit), "verdict": overall, "expectations": results, "arms": arm_rows,
-               "evaluation": ev, "reference": reference}
+               "evaluation": ev, "reference": reference, "at_chance": chance}
     save_text(folder / "results.json", json.dumps(summary, indent=1, default=float) + "\n")
     return summary
 
@@ -300,14 +395,15 @@ def write_index(summaries: list[dict], out: Path, profile: Profile) -> Path:
              "Each claim of the research notes run as an experiment (`ditlab reproduce`), with the verdict from "
              "the statistics: **reproduces** (every stated comparison holds at 95% confidence), **contradicts** "
              "(a comparison goes significantly the other way), **inconclusive** (the intervals cannot tell), "
-             "**pending** (arms still running).", "",
+             "**pending** (arms still running). *Arms at chance*: image arms whose samples are not recognised "
+             "above chance class accuracy at the end of the budget (still early in training).", "",
              "Totals: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".", "",
-             "| finding | claim | measurement (effect [95% CI], positive = as claimed) | seeds | budget | verdict |",
-             "|---|---|---|---|---|---|"]
+             "| finding | claim | measurement (effect [95% CI], positive = as claimed) | seeds | budget | arms at chance | verdict |",
+             "|---|---|---|---|---|---|---|"]
     for s in summaries:
         measured = "<br>".join(f"{r['metric']} {_statement(r)}: {_effects_text(r)} → {r['verdict']}" for r in s["expectations"])
         lines.append(f"| [{s['id']}](finding_{s['id']}/report.md) | {s['claim']} | {measured} | {s['seeds']} | "
-                     f"{s['steps']} steps ({s['amount']}) | **{s['verdict']}** |")
+                     f"{s['steps']} steps ({s['amount']}) | {', '.join(s.get('at_chance') or {}) or '—'} | **{s['verdict']}** |")
     lines += ["", f"Regenerate: `ditlab reproduce --profile {profile.name}` then `ditlab report --out {out}`.", ""]
     return save_text(out / "REPORT.md", "\n".join(lines))
 

@@ -27,7 +27,7 @@ import torch
 from ditlab.errors import DitlabError
 from ditlab.experiments.pages import write_finding, write_index
 from ditlab.experiments.specs import PROFILES, Finding, Profile, check_finding, load_findings, load_suite, select
-from ditlab.experiments.suite import ArmRun, ImageScorer, TextScorer, Unit, build_scorer, needs_work, plan, read_record, record_path, run_unit
+from ditlab.experiments.suite import ArmRun, SampleScorer, TextScorer, Unit, build_scorer, needs_work, plan, read_record, record_path, run_unit
 from ditlab.io import save_text
 
 
@@ -163,12 +163,12 @@ def _run_units(units, out: Path, profile, device: str) -> None:
         logf.write(line + "\n")
         logf.flush()
 
-    scorers: dict[tuple, ImageScorer | TextScorer] = {}
+    scorers: dict[tuple, SampleScorer | TextScorer] = {}
 
-    def scorer_for(cfg) -> ImageScorer | TextScorer:
+    def scorer_for(cfg) -> SampleScorer | TextScorer:
         key = (cfg.data.source, cfg.data.path)
         if key not in scorers:
-            scorers[key] = build_scorer(cfg, profile.eval)
+            scorers[key] = build_scorer(cfg, profile.eval, device)
             if scorers[key].floor:
                 save_text(out / f"reference_{cfg.data.source}.json", json.dumps(scorers[key].floor) + "\n")
         return scorers[key]

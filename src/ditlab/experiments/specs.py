@@ -71,7 +71,7 @@ class Profile:
     recipe_config: dict[str, dict[str, Any]]  # recipe -> overrides in this profile
     recipe_budget: dict[str, dict[str, float]]  # recipe -> its own budget in this profile
     tokenizer: dict[str, int]  # steps, batch_size
-    eval: dict[str, Any]  # samples, reference, points, cfg_scale, steps {objective: n}
+    eval: dict[str, Any]  # samples, reference, points, cfg_scale, steps {objective: n}, lm_bytes, inception[_reference]
 
     def budget_for(self, recipe: str) -> dict[str, float]:
         return self.recipe_budget.get(recipe, self.budget)
@@ -151,6 +151,8 @@ def load_suite(findings_dir: Path | None = None) -> tuple[dict[str, dict], dict[
     profiles = {}
     for name, p in data["profiles"].items():
         _only(p, ("seeds", "budget", "config", "recipes", "recipe_budget", "tokenizer", "eval"), f"{path}: profile {name}")
+        _only(p["eval"], ("samples", "reference", "points", "cfg_scale", "steps", "lm_bytes", "inception", "inception_reference"),
+              f"{path}: profile {name}: eval")
         profiles[name] = Profile(name, int(p["seeds"]), dict(p["budget"]), dict(p.get("config") or {}),
                                  {k: dict(v) for k, v in (p.get("recipes") or {}).items()},
                                  {k: dict(v) for k, v in (p.get("recipe_budget") or {}).items()},

