@@ -224,6 +224,25 @@ def test_committed_reports_hold_results_not_checkpoints():
             assert path.stat().st_size < 2_000_000, path
 
 
+def test_committed_results_keep_their_keys(tmp_path):
+    """The suite resumes from committed results only while their units' keys stay the same: a change
+    to what makes a key (a new config option, say) must not orphan them. The byte-LM findings plan
+    without any dataset, so their committed units are checked here."""
+    committed = Path(__file__).resolve().parents[1] / "reports" / "cpu" / "units"
+    if not committed.is_dir():
+        pytest.skip("no committed cpu results in this checkout")
+    recipes, profiles = load_suite()
+    units, arm_runs = plan(select(load_findings(), ["1", "2"]), profiles["cpu"], recipes, 3, tmp_path)
+    assert len(units) == 9 and set(units) <= {p.stem for p in committed.glob("*.json")}
+    # a later option at its default stays out of the identity; set, it makes a new unit
+    from ditlab.experiments.suite import training_identity
+
+    cfg = next(iter(units.values())).cfg
+    assert "lm_embed_scale" not in training_identity(cfg, None)["config"]["model"]
+    cfg.model.lm_embed_scale = True
+    assert training_identity(cfg, None)["config"]["model"]["lm_embed_scale"] is True
+
+
 def test_language_model_findings_run_end_to_end(tmp_path):
     # findings 1-3 on a small corpus given as the data root (<root>/text/gcide.txt.gz)
     import gzip

@@ -280,6 +280,29 @@ def test_dyt_formula_alpha_init_and_no_normalisation_statistics():
     assert diff[3] > 0 and torch.all(diff[torch.arange(16) != 3] == 0)
 
 
+def test_embed_scale_multiplies_the_input_embeddings_only():
+    """DyT's LLM recipe: a learnable scalar from sqrt(d_model) on the byte embeddings; the tied
+    output layer is not scaled, and without the option the state dict is unchanged."""
+    torch.manual_seed(0)
+    plain = build_lm(**TINY, norm="dyt").double()
+    scaled = build_lm(**TINY, norm="dyt", embed_scale=True).double()
+    assert "embed_scale" not in plain.state_dict()
+    assert scaled.embed_scale.item() == pytest.approx(math.sqrt(TINY["d_model"]))
+    assert scaled.settings["embed_scale"] is True
+    scaled.load_state_dict({**plain.state_dict(), "embed_scale": scaled.embed_scale.detach()})
+    x = torch.randint(0, 256, (2, 8))
+    # the scaled model equals the plain one whose input embeddings (not its tied output) are multiplied
+    factor = scaled.embed_scale.item()
+    reference = build_lm(**TINY, norm="dyt").double()
+    reference.load_state_dict(plain.state_dict())
+    reference.lm_head.weight = nn.Parameter(plain.wte.weight.detach().clone())  # untie, then scale the input side
+    with torch.no_grad():
+        reference.wte.weight.mul_(factor)
+    torch.testing.assert_close(scaled(x), reference(x), rtol=1e-12, atol=1e-12)
+    scaled.loss(x[:, :-1], x[:, 1:]).backward()
+    assert scaled.embed_scale.grad is not None and scaled.embed_scale.grad.item() != 0
+
+
 @pytest.mark.parametrize("settings, message", [
     (dict(norm="batchnorm"), "unknown norm"),
     (dict(attention="linear"), "unknown attention"),

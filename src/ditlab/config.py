@@ -70,6 +70,7 @@ class ModelConfig:
     lm_gate_init: float = 0.0  # infini: initial memory gate logit per head (0: half memory, half local)
     lm_bptt: str = "full"  # infini: full | truncated | k (detach the memory every k segments)
     lm_dyt_alpha_init: float = 0.5  # norm=dyt
+    lm_embed_scale: bool = False  # a learnable scalar on the byte embeddings, from sqrt(hidden_size) (DyT's LLM recipe)
     lm_dropout: float = 0.0
 
 
@@ -201,7 +202,7 @@ LR_SCHEDULES = ("constant", "cosine")
 LM_MODEL = "byte-lm"
 LM_ONLY: dict[str, tuple[str, ...]] = {
     "model": ("lm_seq_len", "lm_pos", "lm_attention", "lm_segment_len", "lm_memory_update", "lm_gate_init",
-              "lm_bptt", "lm_dyt_alpha_init", "lm_dropout"),
+              "lm_bptt", "lm_dyt_alpha_init", "lm_embed_scale", "lm_dropout"),
     "sample": ("prompt", "max_new_bytes", "temperature", "top_k"),
 }
 LM_FIELDS: dict[str, tuple[str, ...]] = {

@@ -61,6 +61,11 @@ from ditlab.train.trainer import Trainer
 BOOTSTRAP = 20  # resamples for the FID's sampling variance
 
 
+# Config options added after results were committed: at their default they stay out of a unit's
+# identity, so that the units trained before the option existed keep their keys (and results).
+LATER_OPTIONS: dict[tuple[str, str], Any] = {("model", "lm_embed_scale"): False}
+
+
 def digest(value: Any, n: int = 10) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:n]
 
@@ -140,6 +145,9 @@ def training_identity(cfg: Config, tokenizer: dict | None) -> dict:
                   if k not in ("out_dir", "progress", "tensorboard", "log_every", "ckpt_every", "keep_last", "sample_every")}
     d["vae"]["path"] = f"tokenizer:{tokenizer['key']}" if tokenizer else d["vae"]["path"]
     d["data"]["path"] = None  # where this machine keeps the dataset is not part of the experiment
+    for (section, name), default in LATER_OPTIONS.items():
+        if d[section][name] == default:
+            del d[section][name]
     return {"config": d, "tokenizer": tokenizer}
 
 

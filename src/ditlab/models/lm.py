@@ -7,6 +7,8 @@ Options (keyword arguments of `ByteLM` / `build_lm`):
   norm       rmsnorm | layernorm | dyt (Dynamic Tanh, Zhu et al. 2025: every norm, the final one
              included, becomes gamma * tanh(alpha * x) + beta; no statistics over features)
   pos        rope (rotary q/k, Su et al.) | learned (a table added to the embeddings)
+  embed_scale  multiply the byte embeddings by a learnable scalar initialised at sqrt(d_model), as
+             the DyT authors' LLaMA does (see ByteLM.__init__)
   attention  vanilla (causal attention over the whole context) | infini (Infini-Attention,
              `ditlab.models.infini_attention`: local attention within segments of `segment_len`
              plus a compressive memory carried from segment to segment)
@@ -158,7 +160,7 @@ class ByteLM(nn.Module):
                  n_heads: int = 4, mlp_ratio: float = 4.0, norm: str = "rmsnorm", dyt_alpha_init: float = 0.5,
                  pos: str = "rope", attention: str = "vanilla", segment_len: int | None = None,
                  memory_update: str = "linear", gate_init: float = 0.0, bptt: str | int = "full",
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, embed_scale: bool = False):
         super().__init__()
         _check_settings(vocab_size=vocab_size, seq_len=seq_len, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
                         mlp_ratio=mlp_ratio, norm=norm, pos=pos, attention=attention, segment_len=segment_len,
@@ -167,12 +169,16 @@ class ByteLM(nn.Module):
         self.settings = dict(vocab_size=vocab_size, seq_len=seq_len, d_model=d_model, n_layers=n_layers,
                              n_heads=n_heads, mlp_ratio=mlp_ratio, norm=norm, dyt_alpha_init=dyt_alpha_init, pos=pos,
                              attention=attention, segment_len=segment_len, memory_update=memory_update,
-                             gate_init=gate_init, bptt=bptt, dropout=dropout)
+                             gate_init=gate_init, bptt=bptt, dropout=dropout, embed_scale=embed_scale)
         self.attention, self.seq_len, self.segment_len = attention, seq_len, segment_len
         # Positions count from the start of the context (vanilla) or of each segment (infini).
         n_positions = seq_len if attention == "vanilla" else segment_len
 
         self.wte = nn.Embedding(vocab_size, d_model)
+        # DyT's recipe for language models: without a norm to rescale them, N(0, 0.02) embeddings
+        # reach the first DyT nearly at 0, so they are multiplied by a learnable scalar that the
+        # DyT authors' LLaMA code starts at sqrt(d_model) (at d_model = 4096: embeddings of std ~1.3).
+        self.embed_scale = nn.Parameter(torch.tensor(math.sqrt(d_model))) if embed_scale else None
         self.wpe = nn.Embedding(n_positions, d_model) if pos == "learned" else None
         self.rope = Rotary1d(d_model // n_heads, n_positions) if pos == "rope" else None
         self.drop = nn.Dropout(dropout)
@@ -215,6 +221,8 @@ class ByteLM(nn.Module):
         if self.max_context is not None and T > self.max_context:
             raise DitlabError(f"input of {T} bytes is longer than the model's context seq_len={self.seq_len}")
         h = self.wte(idx)
+        if self.embed_scale is not None:
+            h = h * self.embed_scale
         if self.wpe is not None:
             positions = torch.arange(T, device=idx.device)
             if self.attention == "infini":
@@ -237,7 +245,7 @@ def lm_from_config(m: ModelConfig) -> ByteLM:
     sizes = {"d_model": m.hidden_size, "n_layers": m.depth, "n_heads": m.num_heads}  # None: ByteLM's default
     return build_lm(seq_len=m.lm_seq_len, mlp_ratio=m.mlp_ratio, norm=m.norm, pos=m.lm_pos, attention=m.lm_attention,
                     segment_len=m.lm_segment_len, memory_update=m.lm_memory_update, gate_init=m.lm_gate_init,
-                    bptt=m.lm_bptt, dyt_alpha_init=m.lm_dyt_alpha_init, dropout=m.lm_dropout,
+                    bptt=m.lm_bptt, dyt_alpha_init=m.lm_dyt_alpha_init, dropout=m.lm_dropout, embed_scale=m.lm_embed_scale,
                     **{k: v for k, v in sizes.items() if v is not None})
 
 
