@@ -281,6 +281,16 @@ def test_language_model_findings_run_end_to_end(tmp_path):
     assert [sp["positions"] for sp in use["spans"]] == [[a, a + segment] for a in range(0, seq_len, segment)]
     report = (out / "finding_2" / "report.md").read_text()
     assert "## Memory use" in report and (out / "finding_2" / "memory.png").is_file()
+    # a committed record without memory use, on a machine without its checkpoints: retrained, then measured
+    import shutil
+
+    record_path = out / "units" / f"{seed['unit']}.json"
+    record = json.loads(record_path.read_text())
+    del record["memory_use"]
+    record_path.write_text(json.dumps(record))
+    shutil.rmtree(out / "runs" / seed["unit"])
+    assert main(["reproduce", "2", "--profile", "smoke", "--out", str(out), "--data-dir", str(tmp_path / "data")]) == 0
+    assert json.loads(record_path.read_text())["memory_use"] == use
 
 
 def _synthetic_arms(values: dict[str, list[float]], steps: int = 10) -> dict:

@@ -16,8 +16,11 @@ checkpoint (the trainer's exact resume); its run folder is locked against a seco
 Every checkpoint at the profile's evaluation points (fractions of the budget) is scored with the
 EMA weights: for images, class accuracy of class-conditional samples (binomial sampling variance)
 and the evaluator-feature FID against real test images (sampling variance by bootstrap over the
-samples); for byte LMs, bits per byte on the validation split (variance over its windows). An arm
-with a tokenizer first trains it (held-out PSNR) and then its DiT on the tokens.
+samples); for byte LMs, bits per byte on the validation split (variance over its windows), and at
+the end the bits per byte by segment with the memory on and reset (`memory_use`). Images the
+evaluator CNN does not know (ImageNet latents) are scored by Inception FID against the profile's
+reference statistics instead. An arm with a tokenizer first trains it (held-out PSNR) and then its
+DiT on the tokens.
 """
 
 from __future__ import annotations
@@ -414,9 +417,9 @@ def run_unit(unit: Unit, out: Path, scorer_for: Callable[[Config], SampleScorer 
     evals = record.setdefault("evals", {})
     missing = [(k, p) for k in unit.evals for p in unit.points if str(p) not in evals.get(k, {}).get("points", {})]
     final = unit.points[-1]
-    have = all((run_dir / "checkpoints" / step_dir_name(p)).is_dir()
-               for p in {p for _, p in missing} | ({final} if needs_memory_use(unit, record) else set()))
-    if not record.get("train") or (missing and not have):
+    wanted = {p for _, p in missing} | ({final} if needs_memory_use(unit, record) else set())  # checkpoints to score
+    have = all((run_dir / "checkpoints" / step_dir_name(p)).is_dir() for p in wanted)
+    if not record.get("train") or (wanted and not have):
         # A committed record without its checkpoints cannot take new evaluations: retrain (deterministic).
         if unit.tokenizer:
             record["tokenizer"] = ensure_tokenizer(out, unit.tokenizer, unit.cfg.data.path, log)
@@ -430,7 +433,7 @@ def run_unit(unit: Unit, out: Path, scorer_for: Callable[[Config], SampleScorer 
         record["train"] = {"train_s": result.elapsed_s, "img_per_s": result.images_per_s, "last_loss": result.last_loss,
                            "params": count_params(build_for_counting(unit.cfg)), "fwd_gflops": result.fwd_gflops, "loss": read_loss(run_dir)}
         write_record(out, unit.key, record)
-    scorer = scorer_for(unit.cfg) if missing or needs_memory_use(unit, record) else None
+    scorer = scorer_for(unit.cfg) if wanted else None
     for point in unit.points:
         todo = [k for k, p in missing if p == point]
         if not todo:
