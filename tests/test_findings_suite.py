@@ -140,6 +140,22 @@ def test_plan_and_shards_partition_the_units(tmp_path, capsys):
     assert shards[0] | shards[1] == set(units) and not shards[0] & shards[1]
 
 
+def test_processes_on_one_results_folder_share_its_units(tmp_path):
+    """Two `reproduce` processes started together on one folder (as `--jobs 2` starts its workers)
+    train each unit once between them: each claims the next unit the other has not."""
+    findings = _write_findings(tmp_path / "specs", 40, {f"d{d}": {"model.depth": d} for d in (1, 2, 3)},
+                               [{"metric": "fid", "claim": "ordering", "arms": ["d3", "d2", "d1"]}], points=(1.0,))
+    cmd = [sys.executable, "-m", "ditlab.cli", "reproduce", "--profile", "smoke", "--findings", str(findings),
+           "--threads", "1", "--out", str(tmp_path / "out"), "--no-report"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
+    trained = [line.split("]")[0].lstrip("0123456789: [") for out, _ in outputs for line in out.splitlines()
+               if "] training to step" in line]
+    assert sorted(trained) == sorted(p.stem for p in (tmp_path / "out" / "units").glob("*.json"))
+    assert len(trained) == len(set(trained)) == 3
+
+
 def test_killed_reproduce_resumes_without_retraining_finished_units(tmp_path):
     findings = _write_findings(tmp_path / "specs", 400, {"a": {"model.depth": 1}, "b": {"model.depth": 2}},
                                [{"metric": "fid", "claim": "better", "arms": ["a", "b"]}])

@@ -7,8 +7,8 @@
     ditlab report --out reports/cpu          # pages + REPORT.md from the results present
 
 Finished units are reused (also from committed results files), a killed one resumes from its
-last checkpoint. `--jobs N` runs N shards side by side on this machine (one per GPU when there
-are several), then writes the reports.
+last checkpoint. `--jobs N` runs N workers side by side on this machine (one per GPU when there
+are several) that each take the next unit no other process has claimed, then writes the reports.
 """
 
 from __future__ import annotations
@@ -24,6 +24,11 @@ from pathlib import Path
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # Windows: no claims; run one process per results folder there
+    fcntl = None
+
 from ditlab.errors import DitlabError
 from ditlab.experiments.pages import write_finding, write_index
 from ditlab.experiments.specs import PROFILES, Finding, Profile, check_finding, load_findings, load_suite, select
@@ -37,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the profile's)")
     p.add_argument("--out", default=None, help="results folder (default reports/<profile>)")
     p.add_argument("--data-dir", default=None, help="datasets' root, holding mnist/, fashion-mnist/, text/ (default $DITLAB_DATA)")
-    p.add_argument("--jobs", type=int, default=1, help="shards run side by side on this machine")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="worker processes side by side on this machine, each taking the next unclaimed unit")
     p.add_argument("--shard", default=None, help="i/n: run only units whose index %% n == i (0 <= i < n)")
     p.add_argument("--unit", default=None, help="run only the unit with this key (see --plan)")
     p.add_argument("--plan", action="store_true", help="print one command per unit and exit")
@@ -174,20 +180,56 @@ def _run_units(units, out: Path, profile, device: str) -> None:
         return scorers[key]
 
     try:
-        for j, unit in enumerate(units):
-            log(f"unit {j + 1}/{len(units)}: {unit.key}")
-            run_unit(unit, out, scorer_for, log, device)
+        pending, done = list(units), 0
+        for _ in range(2):  # a second pass takes up the units that a stopped process left
+            skipped = []
+            for unit in pending:
+                if not needs_work(unit, read_record(out, unit.key)):
+                    continue  # finished by another process meanwhile
+                claim = _claim(out, unit.key)
+                if claim is None:
+                    skipped.append(unit)
+                    continue
+                try:
+                    done += 1
+                    log(f"unit {done}/{len(units)}: {unit.key}")
+                    run_unit(unit, out, scorer_for, log, device)
+                finally:
+                    claim.close()
+            pending = skipped
+        if pending:
+            log(f"{len(pending)} unit(s) left to the other process(es) working on them")
     finally:
         logf.close()
 
 
+def _claim(out: Path, key: str):
+    """Claim a unit for this process: an exclusive lock on OUT/runs/<key>.claim, held until the
+    returned file is closed or the process ends. None when another process holds it: processes on
+    one results folder (the workers of --jobs, or commands started by hand) share out its units."""
+    path = out / "runs" / f"{key}.claim"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a")
+    if fcntl is not None:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            return None
+    return f
+
+
 def _run_jobs(args: argparse.Namespace, out: Path, seeds: int, device: str) -> None:
-    """`--jobs N`: N shards as child processes, each with its share of the cores (or its own GPU)."""
+    """`--jobs N`: N workers as child processes, each with its share of the cores (or its own GPU),
+    taking the next unclaimed unit as they go (so one long unit does not hold up a fixed share)."""
     gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     procs = []
     for i in range(args.jobs):
-        extra = ["--shard", f"{i}/{args.jobs}", "--no-report", "--threads", str(threads)]
+        extra = ["--no-report", "--threads", str(threads)]
+        for flag, value in (("--shard", args.shard), ("--unit", args.unit)):
+            if value:
+                extra += [flag, value]
         extra += ["--device", f"cuda:{i % gpus}"] if gpus else ["--device", device]
         cmd = [sys.executable, "-m", "ditlab.cli", *_command(args, out, seeds, extra)[1:]]
         procs.append(subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)}))
