@@ -454,8 +454,10 @@ def run_unit(unit: Unit, out: Path, scorer_for: Callable[[Config], SampleScorer 
         lm_bytes = next(iter(unit.evals.values()))["bytes"]
         record["memory_use"] = scorer.memory_use(load_run(run_dir / "checkpoints" / step_dir_name(final), device=device), lm_bytes)
         write_record(out, unit.key, record)
-        log(f"[{unit.key}] step {final} bits per byte by segment, memory on | reset: "
-            + ", ".join(f"{r['memory']:.3f}" + (f" | {r['reset']:.3f}" if "reset" in r else "") for r in record["memory_use"]["spans"])
+        spans = record["memory_use"]["spans"]
+        log(f"[{unit.key}] step {final} bits per byte by span of the window"
+            + (" (memory on | reset): " if "reset" in spans[0] else ": ")
+            + ", ".join(f"{r['memory']:.3f}" + (f" | {r['reset']:.3f}" if "reset" in r else "") for r in spans)
             + f" ({time.time() - t0:.0f} s)")
     # Scored: keep only the final checkpoint (a longer budget or new sampling setting starts from it).
     for step_dir in (run_dir / "checkpoints").glob("step_*"):
