@@ -156,6 +156,26 @@ def test_processes_on_one_results_folder_share_its_units(tmp_path):
     assert len(trained) == len(set(trained)) == 3
 
 
+def test_a_new_evaluation_point_before_the_kept_checkpoint_trains_again(tmp_path, capsys):
+    """Scoring keeps only the final checkpoint; a later request for an earlier point (another finding
+    sharing the unit, a new profile point) trains the unit again from the start, exactly."""
+    arms, expect = {"a": {"model.depth": 1}}, [{"metric": "fid", "claim": "equivalent", "arms": ["a", "a"], "margin": 1.0}]
+    out = tmp_path / "out"
+    args = ["reproduce", "--profile", "smoke", "--out", str(out), "--threads", "1", "--no-report", "--findings"]
+    assert main([*args, str(_write_findings(tmp_path / "end", 20, arms, expect, points=(1.0,)))]) == 0
+    (path,) = (out / "units").glob("*.json")
+    before = json.loads(path.read_text())["evals"]
+    assert main([*args, str(_write_findings(tmp_path / "both", 20, arms, expect, points=(0.5, 1.0)))]) == 0
+    assert "training again from the start" in capsys.readouterr().out
+    (again,) = (out / "units").glob("*.json")
+    assert again == path  # the same unit
+    after = json.loads(path.read_text())["evals"]
+    (ekey,) = before
+    assert sorted(after[ekey]["points"]) == ["10", "20"]
+    strip = lambda m: {k: v for k, v in m.items() if k != "eval_s"}
+    assert strip(after[ekey]["points"]["20"]) == strip(before[ekey]["points"]["20"])
+
+
 def test_killed_reproduce_resumes_without_retraining_finished_units(tmp_path):
     findings = _write_findings(tmp_path / "specs", 400, {"a": {"model.depth": 1}, "b": {"model.depth": 2}},
                                [{"metric": "fid", "claim": "better", "arms": ["a", "b"]}])

@@ -420,10 +420,25 @@ def run_unit(unit: Unit, out: Path, scorer_for: Callable[[Config], SampleScorer 
     wanted = {p for _, p in missing} | ({final} if needs_memory_use(unit, record) else set())  # checkpoints to score
     have = all((run_dir / "checkpoints" / step_dir_name(p)).is_dir() for p in wanted)
     if not record.get("train") or (wanted and not have):
-        # A committed record without its checkpoints cannot take new evaluations: retrain (deterministic).
+        # A committed record without its checkpoints cannot take new evaluations: train again.
         if unit.tokenizer:
             record["tokenizer"] = ensure_tokenizer(out, unit.tokenizer, unit.cfg.data.path, log)
-        resume = latest_checkpoint(run_dir) is not None
+        latest = latest_checkpoint(run_dir)
+        last_step = int(latest.name.removeprefix("step_")) if latest is not None else 0
+        if any(p <= last_step and not (run_dir / "checkpoints" / step_dir_name(p)).is_dir() for p in wanted):
+            # a step to score lies before the last checkpoint, pruned after an earlier scoring (or a
+            # finding that shares this unit asks for a new point): train again from the start
+            log(f"[{unit.key}] checkpoints before step {last_step} were pruned: training again from the start")
+            shutil.rmtree(run_dir)
+            latest = None
+        resume = latest is not None
+        if not resume and evals:
+            # trained again from the start: score every point again, so that all of a unit's
+            # numbers come from one training run (the code may have changed by float rounding)
+            evals.clear()
+            record.pop("memory_use", None)
+            missing = [(k, p) for k in unit.evals for p in unit.points]
+            wanted = set(unit.points)
         log(f"[{unit.key}] {'resuming' if resume else 'training'} to step {unit.cfg.train.steps} in {run_dir}")
         result = Trainer(unit.cfg, resume=resume, device=device).train(final_samples=False)
         if result.stopped != "steps":
