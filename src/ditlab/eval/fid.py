@@ -43,12 +43,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     for a in (mu1, mu2, s1, s2):
         if not np.isfinite(a).all():
             raise DitlabError("feature statistics contain NaN or Inf")
-    w, v = np.linalg.eigh((s1 + s1.T) / 2)
-    sqrt_s1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    a = sqrt_s1 @ s2 @ sqrt_s1
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((a + a.T) / 2), 0, None)).sum()
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+    return FrechetReference(mu1, s1).distance_to_stats(mu2, s2)
 
 
 class FrechetReference:
@@ -75,14 +70,20 @@ class FrechetReference:
             raise DitlabError("features contain NaN or Inf (check the images for NaNs)")
         mu1 = f.mean(0)
         y = (f - mu1) / np.sqrt(len(f) - 1)  # S1 = y^T y
-        if len(f) < f.shape[1]:
-            z = y @ self.root
-            eig = np.linalg.eigvalsh(z @ z.T)
-        else:
-            a = self.root @ (y.T @ y) @ self.root
-            eig = np.linalg.eigvalsh((a + a.T) / 2)
+        if len(f) >= f.shape[1]:
+            return self.distance_to_stats(mu1, y.T @ y)
+        z = y @ self.root
+        return self._combine(mu1, float((y * y).sum()), np.linalg.eigvalsh(z @ z.T))
+
+    def distance_to_stats(self, mu1: np.ndarray, sigma1: np.ndarray) -> float:
+        """The distance to N(mu1, sigma1), by the d x d route."""
+        a = self.root @ sigma1 @ self.root
+        return self._combine(mu1, float(np.trace(sigma1)), np.linalg.eigvalsh((a + a.T) / 2))
+
+    def _combine(self, mu1: np.ndarray, trace1: float, eig: np.ndarray) -> float:
+        """|mu1 - mu|^2 + tr S1 + tr sigma - 2 sum(sqrt(eig)); tiny negative eigenvalues from round-off are clipped."""
         diff = mu1 - self.mu
-        return float(diff @ diff + (y * y).sum() + self.trace - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
+        return float(diff @ diff + trace1 + self.trace - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
 
 
 def fid_from_features(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
