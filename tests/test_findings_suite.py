@@ -241,6 +241,26 @@ def test_bad_specs_are_one_line(arms, expect, message, tmp_path, capsys):
     assert message in err and err.count("\n") == 1
 
 
+def test_a_finding_may_keep_its_own_budget_and_points_in_a_profile(tmp_path):
+    recipes, profiles = load_suite()
+    spec = {"id": "x", "title": "t", "claim": "c", "source": "s", "recipe": "flow", "arms": {"a": {}},
+            "expect": [{"metric": "fid", "claim": "better", "arms": ["a@0.5", "a"]}]}
+    (unit,) = plan([parse_finding(spec)], profiles["smoke"], recipes, 1, tmp_path)[0].values()
+    assert unit.points == [2, 4]  # the profile's 4 steps, scored at its points 0.5 and 1
+    own = parse_finding({**spec, "profiles": {"smoke": {"budget": {"steps": 12}, "points": [0.25, 0.5, 1]}}})
+    check_finding(own, recipes, profiles)
+    (unit,) = plan([own], profiles["smoke"], recipes, 1, tmp_path)[0].values()
+    assert unit.points == [3, 6, 12] and unit.cfg.train.steps == 12
+    (gpu_unit,) = plan([own], profiles["gpu"], recipes, 1, tmp_path)[0].values()
+    assert gpu_unit.points == [round(f * gpu_unit.cfg.train.steps) for f in profiles["gpu"].eval["points"]]
+    for bad, message in [({"budget": {"steps": 0}}, "budget must be"), ({"budget": {"epochs": 1, "steps": 2}}, "budget must be"),
+                         ({"points": [0, 1]}, "points must be"), ({"points": 0.5}, "points must be")]:
+        with pytest.raises(DitlabError, match=message):
+            parse_finding({**spec, "profiles": {"smoke": bad}})
+    with pytest.raises(DitlabError, match="unknown profile 'laptop'"):
+        check_finding(parse_finding({**spec, "profiles": {"laptop": {"budget": {"steps": 3}}}}), recipes, profiles)
+
+
 def test_a_spec_must_say_what_it_claims():
     with pytest.raises(DitlabError, match="missing expect"):
         parse_finding({"id": "x", "title": "t", "claim": "c", "source": "s", "recipe": "dit", "arms": {"a": {}}})
@@ -268,8 +288,12 @@ def test_committed_results_keep_their_keys(tmp_path):
     if not committed.is_dir():
         pytest.skip("no committed cpu results in this checkout")
     recipes, profiles = load_suite()
-    units, arm_runs = plan(select(load_findings(), ["1", "2"]), profiles["cpu"], recipes, 3, tmp_path)
-    assert len(units) == 9 and set(units) <= {p.stem for p in committed.glob("*.json")}
+    units, arm_runs = plan(select(load_findings(), ["1", "2", "3"]), profiles["cpu"], recipes, 3, tmp_path)
+    assert len(units) == 15 and set(units) <= {p.stem for p in committed.glob("*.json")}
+    # ... and they hold every evaluation the plan asks for, so nothing trains again
+    from ditlab.experiments.suite import needs_work, read_record
+
+    assert not [k for k, u in units.items() if needs_work(u, read_record(committed.parent, k))]
     # a later option at its default stays out of the identity; set, it makes a new unit
     from ditlab.experiments.suite import training_identity
 

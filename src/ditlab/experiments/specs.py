@@ -14,7 +14,9 @@ share one trained model), or a tokenizer setting (`tokenizer.kind`, `tokenizer.t
 arm first trains that tokenizer, then its DiT on the tokens). `suite.yaml` holds the recipes and
 the profiles (smoke | cpu | gpu): budget, seeds, shared config and the evaluation protocol.
 
-Optional keys: `seed_arms: [a, b]` (also per profile, `profiles.<p>.seed_arms`) runs only those
+Optional keys: `profiles.<p>.budget` (`{epochs: e}` or `{steps: n}`) and `profiles.<p>.points` replace
+the profile's budget and evaluated fractions for this finding (a study judged at matched compute,
+early in training, keeps its own; committed results keep theirs when the profile's change); `seed_arms: [a, b]` (also per profile, `profiles.<p>.seed_arms`) runs only those
 arms with every seed and the others with one; `points: [0.25, 0.5, 1.0]` replaces the profile's
 evaluated fractions of the budget (the budget is then rounded up so that each is a whole step and a
 checkpoint); `analysis: scaling` (or `{kind: scaling, claims: [...]}`) takes the verdicts from
@@ -97,6 +99,8 @@ class Finding:
     seed_arms: list[str] | None = None  # arms run with every seed, the others with one (None: every arm)
     profile_seed_arms: dict[str, list[str]] = field(default_factory=dict)  # seed_arms per profile
     points: list[float] | None = None  # evaluated fractions of the budget (None: the profile's)
+    profile_budget: dict[str, dict[str, float]] = field(default_factory=dict)  # budget per profile (else the profile's)
+    profile_points: dict[str, list[float]] = field(default_factory=dict)  # points per profile (else `points`)
 
     def arms_for(self, profile: str) -> dict[str, dict[str, Any]]:
         return {**self.arms, **self.profile_arms.get(profile, {})}
@@ -106,8 +110,11 @@ class Finding:
         chosen = self.profile_seed_arms.get(profile, self.seed_arms)
         return seeds if chosen is None or arm in chosen else min(seeds, 1)
 
+    def budget_for(self, profile: Profile) -> dict[str, float]:
+        return self.profile_budget.get(profile.name) or profile.budget_for(self.recipe)
+
     def points_for(self, profile: Profile) -> list[float]:
-        return self.points or list(profile.eval["points"])
+        return self.profile_points.get(profile.name) or self.points or list(profile.eval["points"])
 
     def expectations_for(self, profile: str) -> list[Expectation]:
         return [e for e in self.expect if e.profiles is None or profile in e.profiles]
@@ -135,6 +142,21 @@ def _read(path: Path) -> dict:
     return data
 
 
+def _budget(data: Any, where: str) -> dict[str, float]:
+    """{"epochs": e} or {"steps": n}, positive."""
+    if not (isinstance(data, dict) and len(data) == 1 and set(data) <= {"epochs", "steps"}
+            and isinstance(next(iter(data.values())), (int, float)) and next(iter(data.values())) > 0):
+        raise DitlabError(f"{where}: budget must be {{epochs: e}} or {{steps: n}} with a positive number, got {data}")
+    return {k: float(v) for k, v in data.items()}
+
+
+def _points(data: Any, where: str) -> list[float]:
+    """Evaluated fractions of the budget, sorted, each in (0, 1]."""
+    if not (isinstance(data, list) and data and all(isinstance(f, (int, float)) and 0 < f <= 1 for f in data)):
+        raise DitlabError(f"{where}: points must be a list of fractions of the budget in (0, 1], got {data}")
+    return sorted({float(f) for f in data})
+
+
 def _only(data: dict, allowed: tuple[str, ...], where: str) -> None:
     unknown = sorted(set(data) - set(allowed))
     if unknown:
@@ -153,7 +175,7 @@ def load_suite(findings_dir: Path | None = None) -> tuple[dict[str, dict], dict[
         _only(p, ("seeds", "budget", "config", "recipes", "recipe_budget", "tokenizer", "eval"), f"{path}: profile {name}")
         _only(p["eval"], ("samples", "reference", "points", "cfg_scale", "steps", "lm_bytes", "inception", "inception_reference"),
               f"{path}: profile {name}: eval")
-        profiles[name] = Profile(name, int(p["seeds"]), dict(p["budget"]), dict(p.get("config") or {}),
+        profiles[name] = Profile(name, int(p["seeds"]), _budget(p["budget"], f"{path}: profile {name}"), dict(p.get("config") or {}),
                                  {k: dict(v) for k, v in (p.get("recipes") or {}).items()},
                                  {k: dict(v) for k, v in (p.get("recipe_budget") or {}).items()},
                                  dict(p.get("tokenizer") or {}), dict(p["eval"]))
@@ -181,18 +203,19 @@ def parse_finding(data: dict, path: Path | None = None) -> Finding:
         raise DitlabError(f"{where}: missing {', '.join(missing)}")
     if not data.get("expect") and not analysis:
         raise DitlabError(f"{where}: no expectations (only a finding with an `analysis` may state none)")
-    points = data.get("points")
-    if points is not None and not (isinstance(points, list) and points
-                                   and all(isinstance(f, (int, float)) and 0 < f <= 1 for f in points)):
-        raise DitlabError(f"{where}: points must be a list of fractions of the budget in (0, 1], got {points}")
+    points = None if data.get("points") is None else _points(data["points"], where)
     expect = []
     for e in data.get("expect") or []:
         _only(e, ("metric", "claim", "arms", "margin", "relative_margin", "profiles"), f"{where}: expect")
         expect.append(Expectation(e["metric"], e["claim"], [str(a) for a in e["arms"]], e.get("margin"),
                                   e.get("relative_margin"), e.get("profiles")))
-    profile_arms, profile_config, profile_seed_arms = {}, {}, {}
+    profile_arms, profile_config, profile_seed_arms, profile_budget, profile_points = {}, {}, {}, {}, {}
     for name, p in (data.get("profiles") or {}).items():
-        _only(p, ("arms", "config", "seed_arms"), f"{where}: profiles.{name}")
+        _only(p, ("arms", "config", "seed_arms", "budget", "points"), f"{where}: profiles.{name}")
+        if p.get("budget") is not None:
+            profile_budget[name] = _budget(p["budget"], f"{where}: profiles.{name}")
+        if p.get("points") is not None:
+            profile_points[name] = _points(p["points"], f"{where}: profiles.{name}")
         profile_arms[name] = {str(k): dict(v or {}) for k, v in (p.get("arms") or {}).items()}
         profile_config[name] = dict(p.get("config") or {})
         if p.get("seed_arms") is not None:
@@ -203,7 +226,7 @@ def parse_finding(data: dict, path: Path | None = None) -> Finding:
                    data.get("verdict", "all"), float(data.get("budget_scale", 1.0)), profile_arms, profile_config, path,
                    analysis=analysis, analysis_claims=claims or [], profile_seed_arms=profile_seed_arms,
                    seed_arms=None if seed_arms is None else [str(a) for a in seed_arms],
-                   points=None if points is None else sorted({float(f) for f in points}))
+                   points=points, profile_budget=profile_budget, profile_points=profile_points)
 
 
 def load_findings(findings_dir: Path | None = None) -> dict[str, Finding]:
@@ -268,7 +291,7 @@ def check_finding(finding: Finding, recipes: dict[str, dict], profiles: dict[str
         raise DitlabError(f"finding {finding.id}: verdict must be 'all' or 'any', not '{finding.verdict}'")
     if not finding.budget_scale > 0:
         raise DitlabError(f"finding {finding.id}: budget_scale must be positive")
-    for name in {**finding.profile_arms, **finding.profile_seed_arms}:
+    for name in {**finding.profile_arms, **finding.profile_seed_arms, **finding.profile_budget, **finding.profile_points}:
         if name not in profiles:
             raise DitlabError(f"finding {finding.id}: unknown profile '{name}'")
     every_arm = {a for p in profiles for a in finding.arms_for(p)}

@@ -168,7 +168,7 @@ def plan(findings: list[Finding], profile: Profile, recipes: dict, seeds: int,
         for arm, overrides in finding.arms_for(profile.name).items():
             for s in range(finding.seeds_for(arm, profile.name, seeds)):
                 cfg, tok = arm_config(finding, arm, profile, recipes)
-                steps = -(-budget_steps(cfg, profile.budget_for(finding.recipe), finding.budget_scale) // whole) * whole
+                steps = -(-budget_steps(cfg, finding.budget_for(profile), finding.budget_scale) // whole) * whole
                 points = eval_steps(steps, fractions)
                 t = cfg.train
                 t.seed, t.steps = s, steps
