@@ -117,3 +117,19 @@ def test_write_atomic_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.setattr(io, "write_bytes_synced", real)
     io.write_atomic(target, b"new contents")
     assert target.read_bytes() == b"new contents" and sorted(p.name for p in tmp_path.iterdir()) == ["index.json"]
+
+
+def test_figures_are_written_whole_and_closed(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    with io.figure(figsize=(2, 1)) as (fig, ax):
+        ax.plot([0, 1], [1, 0])
+        assert io.save_figure(fig, tmp_path / "new" / "plot.png", dpi=50) == "plot.png"  # its folder is created
+    assert Image.open(tmp_path / "new" / "plot.png").size == (100, 50) and not plt.get_fignums()
+    monkeypatch.setattr(io, "write_bytes_synced", lambda path, data: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(DitlabError, match="No space left on device"), io.figure() as (fig, ax):
+        io.save_figure(fig, tmp_path / "new" / "plot.png")
+    # a full disk keeps the old figure whole, leaves no temporary file, and the figure is closed all the same
+    assert Image.open(tmp_path / "new" / "plot.png").size == (100, 50) and not plt.get_fignums()
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["plot.png"]

@@ -1,4 +1,4 @@
-"""Files: atomic writes, uint8 image conversion, PNG grids and ADM-style .npz sample files.
+"""Files: atomic writes, uint8 image conversion, PNG grids and figures, ADM-style .npz sample files.
 
 The .npz layout is the one of OpenAI's ADM evaluation suite (and DiT's sample_ddp.py):
 `arr_0` uint8 [N, H, W, C] and `labels` int64 [N] (-1 for samples of an unconditional model).
@@ -157,6 +157,35 @@ def save_grid(path: str | Path, images: np.ndarray, nrow: int | None = None, lab
         except ValueError as e:  # PIL has no writer for the file extension
             raise DitlabError(f"cannot write {path}: {e}") from None
     return path
+
+
+@contextmanager
+def figure(**subplots: object) -> Iterator[tuple]:
+    """(fig, axes) of `plt.subplots(**subplots)` on matplotlib's file-only backend, closed on leaving
+    the block whatever happens in it (an open figure holds its memory until the process ends)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(**subplots)
+    try:
+        yield fig, axes
+    finally:
+        plt.close(fig)
+
+
+def save_figure(fig: object, path: str | Path, dpi: int = 90) -> str:
+    """Lay out and write a matplotlib figure as PNG, whole or not at all; returns the file's name."""
+    from io import BytesIO
+
+    buffer = BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    path = Path(path)
+    with _writing(path):
+        write_atomic(path, buffer.getvalue())
+    return path.name
 
 
 def save_npz(path: str | Path, images: np.ndarray, labels: np.ndarray | list) -> Path:

@@ -20,6 +20,7 @@ import numpy as np
 from scipy import stats
 
 from ditlab.errors import DitlabError
+from ditlab.io import figure, save_figure
 
 
 @dataclass
@@ -139,25 +140,15 @@ def read_csv(path: str | Path, x: str, y: str, group: str | None = None) -> dict
 def plot_fits(data: dict[str, tuple[np.ndarray, np.ndarray]], fits: dict[str, PowerLaw], out: str | Path,
               xlabel: str, ylabel: str) -> None:
     """Log-log scatter of each group with its fitted line, written as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    for name, (x, y) in data.items():
-        line = ax.plot(x, y, "o", label=None)[0]
-        if name in fits:
-            f = fits[name]
-            xs = np.geomspace(x.min(), x.max(), 50)
-            ax.plot(xs, f(xs), "-", color=line.get_color(),
-                    label=f"{name}: {f.a:.3g}·x^{f.b:.3f} (R²={f.r2:.3f})")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    with figure(figsize=(5, 4)) as (fig, ax):
+        for name, (x, y) in data.items():
+            line = ax.plot(x, y, "o", label=None)[0]
+            if name in fits:
+                f = fits[name]
+                xs = np.geomspace(x.min(), x.max(), 50)
+                ax.plot(xs, f(xs), "-", color=line.get_color(),
+                        label=f"{name}: {f.a:.3g}·x^{f.b:.3f} (R²={f.r2:.3f})")
+        ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        save_figure(fig, out, dpi=120)

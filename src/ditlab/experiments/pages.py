@@ -22,7 +22,7 @@ from ditlab.experiments import scaling_study
 from ditlab.experiments.specs import METRICS, Finding, Profile, split_point
 from ditlab.experiments.stats import arm_stats, binomial_variance, combine, mean_interval, verdict
 from ditlab.experiments.suite import EVALUATOR_DATA, ArmRun, Unit, point_step, read_record
-from ditlab.io import save_text
+from ditlab.io import figure, save_figure, save_text
 
 METRIC_NAMES = {"acc": "class accuracy", "fid": "FID (evaluator features)", "psnr": "tokenizer PSNR (dB)",
                 "bpb": "bits per byte (validation)"}
@@ -169,56 +169,45 @@ def _amount(unit: Unit) -> str:
 
 
 def _plot(finding: Finding, arms: dict, folder: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     written = []
     metrics = curve_metrics(arms)
     # an arm's curve: the points that every seed of it has reached
     complete = {name: [p for p in arm["unit"].points if _values(arm, metrics[0], p) is not None] for name, arm in arms.items()}
     if any(complete.values()):
-        fig, axes = plt.subplots(2, len(metrics), figsize=(5.5 * len(metrics), 7.5), squeeze=False)
+        with figure(nrows=2, ncols=len(metrics), figsize=(5.5 * len(metrics), 7.5), squeeze=False) as (fig, axes):
+            for name, arm in arms.items():
+                steps = complete[name]
+                if not steps:
+                    continue
+                unit = arm["unit"]
+                train = next(iter(arm["seeds"].values()))["train"] or {}
+                axes_x = _x_axes(unit, train, steps)
+                for col, metric in enumerate(metrics):
+                    mean, half = zip(*[mean_interval(*_values(arm, metric, p)) for p in steps])
+                    for row, (label, x, scale) in enumerate(axes_x):
+                        ax = axes[row][col]
+                        line, = ax.plot(x, mean, marker="o", label=name)
+                        ax.fill_between(x, np.subtract(mean, half), np.add(mean, half), color=line.get_color(), alpha=0.2)
+                        ax.set(xlabel=label, ylabel=METRIC_NAMES[metric], xscale=scale,
+                               yscale="log" if metric in ("fid", "bpb") else "linear")
+            axes[0][0].legend(fontsize=8)
+            fig.suptitle(f"Finding {finding.id}: {finding.title} (mean ± 95% CI over seeds)", fontsize=10)
+            written.append(save_figure(fig, folder / "curves.png"))
+    with figure(figsize=(6.5, 4)) as (fig, ax):
+        shown = set()
         for name, arm in arms.items():
-            steps = complete[name]
-            if not steps:
+            units = tuple(sorted(s["unit"] for s in arm["seeds"].values()))
+            losses = [s["train"]["loss"] for s in arm["seeds"].values() if s["train"] and s["train"].get("loss")]
+            if units in shown or not losses or len(losses) != len(arm["seeds"]):
                 continue
-            unit = arm["unit"]
-            train = next(iter(arm["seeds"].values()))["train"] or {}
-            axes_x = _x_axes(unit, train, steps)
-            for col, metric in enumerate(metrics):
-                mean, half = zip(*[mean_interval(*_values(arm, metric, p)) for p in steps])
-                for row, (label, x, scale) in enumerate(axes_x):
-                    ax = axes[row][col]
-                    line, = ax.plot(x, mean, marker="o", label=name)
-                    ax.fill_between(x, np.subtract(mean, half), np.add(mean, half), color=line.get_color(), alpha=0.2)
-                    ax.set(xlabel=label, ylabel=METRIC_NAMES[metric], xscale=scale,
-                           yscale="log" if metric in ("fid", "bpb") else "linear")
-        axes[0][0].legend(fontsize=8)
-        fig.suptitle(f"Finding {finding.id}: {finding.title} (mean ± 95% CI over seeds)", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(folder / "curves.png", dpi=90)
-        plt.close(fig)
-        written.append("curves.png")
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    shown = set()
-    for name, arm in arms.items():
-        units = tuple(sorted(s["unit"] for s in arm["seeds"].values()))
-        losses = [s["train"]["loss"] for s in arm["seeds"].values() if s["train"] and s["train"].get("loss")]
-        if units in shown or not losses or len(losses) != len(arm["seeds"]):
-            continue
-        shown.add(units)
-        n = min(len(x) for x in losses)
-        steps = [row[0] for row in losses[0][:n]]
-        ax.plot(steps, np.mean([[row[1] for row in x[:n]] for x in losses], axis=0), label=name)
-    if shown:
-        ax.set(xlabel="training step", ylabel="training loss (mean over seeds)", yscale="log")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(folder / "loss.png", dpi=90)
-        written.append("loss.png")
-    plt.close(fig)
+            shown.add(units)
+            n = min(len(x) for x in losses)
+            steps = [row[0] for row in losses[0][:n]]
+            ax.plot(steps, np.mean([[row[1] for row in x[:n]] for x in losses], axis=0), label=name)
+        if shown:
+            ax.set(xlabel="training step", ylabel="training loss (mean over seeds)", yscale="log")
+            ax.legend(fontsize=8)
+            written.append(save_figure(fig, folder / "loss.png"))
     return written
 
 
@@ -247,22 +236,14 @@ def memory_use_section(arms: dict, folder: Path) -> tuple[list[str], list[str]]:
              "every segment (an Infini model then sees only its own segment; a vanilla model has no memory to reset). "
              "Gain = reset - on: positive where the memory carries context across segments. Mean ± 95% CI over seeds.", "",
              "| arm | bytes | memory on | memory reset | gain |", "|---|---|---|---|---|", *rows]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, (x, on, reset) in curves.items():
-        line, = ax.plot(x, on, marker="o", label=f"{name}, memory on")
-        if reset is not None:
-            ax.plot(x, reset, marker="x", ls="--", color=line.get_color(), label=f"{name}, memory reset")
-    ax.set(xlabel="position in the window (bytes, span centre)", ylabel="bits per byte (mean over seeds)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / "memory.png", dpi=90)
-    plt.close(fig)
-    return lines, ["memory.png"]
+    with figure(figsize=(6.5, 4)) as (fig, ax):
+        for name, (x, on, reset) in curves.items():
+            line, = ax.plot(x, on, marker="o", label=f"{name}, memory on")
+            if reset is not None:
+                ax.plot(x, reset, marker="x", ls="--", color=line.get_color(), label=f"{name}, memory reset")
+        ax.set(xlabel="position in the window (bytes, span centre)", ylabel="bits per byte (mean over seeds)")
+        ax.legend(fontsize=8)
+        return lines, [save_figure(fig, folder / "memory.png")]
 
 
 def _seed_interval(values: list[float], signed: bool = False) -> str:

@@ -58,7 +58,7 @@ from ditlab.eval.flops import measure
 from ditlab.eval.scaling import MIN_DISTINCT_X, fit_power_law
 from ditlab.experiments.specs import Finding, Profile
 from ditlab.experiments.stats import Effect, arm_stats, combine, effect, judge_better, judge_noninferior, mean_interval
-from ditlab.io import save_text
+from ditlab.io import figure, save_figure, save_text
 
 MATCH = 2.0  # patch_vs_params: Gflops of the two ways of growing agree within this factor
 MARGIN = 0.10  # patch_vs_params: non-inferiority margin, relative to the larger model's FID
@@ -266,63 +266,56 @@ CLAIMS = {"power_law": power_law, "patch_vs_params": patch_vs_params, "compute_e
 
 
 def _plots(points: list[Point], fit: dict | None, folder: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
 
     sizes = sorted({p.size for p in points if p.kind == "dit"}, key=lambda s: min(p.params for p in points if p.size == s))
     patches = sorted({p.patch for p in points if p.kind == "dit"}, reverse=True)
-    colours = {s: plt.cm.viridis(i / max(1, len(sizes) - 1) * 0.9) for i, s in enumerate(sizes)}
+    colours = {s: colormaps["viridis"](i / max(1, len(sizes) - 1) * 0.9) for i, s in enumerate(sizes)}
     markers = dict(zip(patches, "s^o*Dv"))
     styles = dict(zip(patches, [":", "--", "-", "-."]))
     written = []
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    shown = False
-    for p in points:
-        if not p.curves or not all(c and c[-1][0] == p.steps[-1] for c in p.curves.values()):
-            continue
-        mean, half = mean_interval(*p.end())
-        colour, marker = ("black", "X") if p.kind == "unet" else (colours[p.size], markers[p.patch])
-        label = f"{p.name} (U-Net, not fitted)" if p.kind == "unet" else f"{p.name}: {p.size_label}, patch {p.patch}"
-        ax.errorbar([p.gflops], [mean], yerr=[[min(half, mean * 0.99)], [half]], fmt=marker, color=colour, label=label, capsize=3)
-        shown = True
-    if fit:
-        xs = np.geomspace(min(p.gflops for p in points if p.kind == "dit"), max(p.gflops for p in points if p.kind == "dit"), 50)
-        ax.plot(xs, fit["a"] * xs ** fit["b"], "-", color="grey",
-                label=f"fit: FID = {fit['a']:.3g}·G^{fit['b']:.3f}, b 95% CI [{fit['b_lo']:.3f}, {fit['b_hi']:.3f}], r = {fit['r']:.2f}")
-    if shown:
-        ax.set(xscale="log", yscale="log", xlabel="forward Gflops per image", ylabel="FID at the end of training (mean ± 95% CI)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(folder / "scaling_gflops.png", dpi=100)
-        written.append("scaling_gflops.png")
-    plt.close(fig)
+    with figure(figsize=(6.5, 4.5)) as (fig, ax):
+        shown = False
+        for p in points:
+            if not p.curves or not all(c and c[-1][0] == p.steps[-1] for c in p.curves.values()):
+                continue
+            mean, half = mean_interval(*p.end())
+            colour, marker = ("black", "X") if p.kind == "unet" else (colours[p.size], markers[p.patch])
+            label = f"{p.name} (U-Net, not fitted)" if p.kind == "unet" else f"{p.name}: {p.size_label}, patch {p.patch}"
+            ax.errorbar([p.gflops], [mean], yerr=[[min(half, mean * 0.99)], [half]], fmt=marker, color=colour, label=label,
+                        capsize=3)
+            shown = True
+        if fit:
+            xs = np.geomspace(min(p.gflops for p in points if p.kind == "dit"), max(p.gflops for p in points if p.kind == "dit"), 50)
+            ax.plot(xs, fit["a"] * xs ** fit["b"], "-", color="grey",
+                    label=f"fit: FID = {fit['a']:.3g}·G^{fit['b']:.3f}, b 95% CI [{fit['b_lo']:.3f}, {fit['b_hi']:.3f}], "
+                          f"r = {fit['r']:.2f}")
+        if shown:
+            ax.set(xscale="log", yscale="log", xlabel="forward Gflops per image", ylabel="FID at the end of training (mean ± 95% CI)")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=6)
+            written.append(save_figure(fig, folder / "scaling_gflops.png", dpi=100))
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    shown = False
-    for p in points:
-        steps = [s for i, s in enumerate(p.steps) if p.curves and all(len(c) > i for c in p.curves.values())]
-        if not steps:
-            continue
-        fids = [np.mean([c[i][1] for c in p.curves.values()]) for i in range(len(steps))]
-        x = [p.compute(s) for s in steps]
-        if p.kind == "unet":
-            ax.plot(x, fids, "X-", color="black", lw=2, label=f"{p.name} (U-Net)")
-        else:
-            ax.plot(x, fids, marker=markers[p.patch], ls=styles[p.patch], color=colours[p.size],
-                    label=f"{p.name}: {p.size_label}, patch {p.patch}")
-        shown = True
-    if shown:
-        ax.set(xscale="log", yscale="log", xlabel="training Gflops (3 x forward x images seen)", ylabel="FID (mean over seeds)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(folder / "scaling_compute.png", dpi=100)
-        written.append("scaling_compute.png")
-    plt.close(fig)
+    with figure(figsize=(6.5, 4.5)) as (fig, ax):
+        shown = False
+        for p in points:
+            steps = [s for i, s in enumerate(p.steps) if p.curves and all(len(c) > i for c in p.curves.values())]
+            if not steps:
+                continue
+            fids = [np.mean([c[i][1] for c in p.curves.values()]) for i in range(len(steps))]
+            x = [p.compute(s) for s in steps]
+            if p.kind == "unet":
+                ax.plot(x, fids, "X-", color="black", lw=2, label=f"{p.name} (U-Net)")
+            else:
+                ax.plot(x, fids, marker=markers[p.patch], ls=styles[p.patch], color=colours[p.size],
+                        label=f"{p.name}: {p.size_label}, patch {p.patch}")
+            shown = True
+        if shown:
+            ax.set(xscale="log", yscale="log", xlabel="training Gflops (3 x forward x images seen)", ylabel="FID (mean over seeds)")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=6)
+            written.append(save_figure(fig, folder / "scaling_compute.png", dpi=100))
     return written
 
 
