@@ -10,7 +10,8 @@ import pytest
 from scipy import stats
 
 from ditlab.errors import DitlabError
-from ditlab.experiments.stats import arm_stats, binomial_variance, combine, effect, verdict
+from ditlab.experiments.stats import (Effect, arm_stats, binomial_variance, combine, effect, judge_better, judge_equivalent,
+                                      judge_noninferior, mean_interval, verdict)
 
 
 def arms(**values):
@@ -52,6 +53,19 @@ def test_the_interval_covers_the_truth_95_percent_of_the_time():
     assert abs(hits / reps - 0.95) < 4 * se  # Welch's interval is near-exact for normal data
 
 
+def test_an_arms_interval_for_the_plots():
+    # several seeds: the t quantile with n - 1 degrees of freedom on the standard error of the mean
+    values = [10.0, 12.0, 17.0]
+    mean, half = mean_interval(values)
+    assert mean == pytest.approx(13.0)
+    assert half == pytest.approx(stats.t.ppf(0.975, 2) * math.sqrt(np.var(values, ddof=1) / 3))
+    assert mean_interval(values, confidence=0.5)[1] == pytest.approx(stats.t.ppf(0.75, 2) * math.sqrt(13.0 / 3))
+    # the sampling variance floors a seed spread that is smaller
+    assert mean_interval([5.0, 5.0], [0.5, 1.5])[1] == pytest.approx(stats.t.ppf(0.975, 1) * math.sqrt(1.0 / 2))
+    # one seed: the normal quantile on its sampling variance alone
+    assert mean_interval([0.9], [0.04]) == pytest.approx((0.9, stats.norm.ppf(0.975) * 0.2))
+
+
 def test_verdicts_on_synthetic_arms():
     rng = np.random.default_rng(1)
     better = arms(A=0.90 + 0.01 * rng.standard_normal(5), B=0.80 + 0.01 * rng.standard_normal(5))
@@ -87,6 +101,7 @@ def test_binomial_variance_and_the_verdict_record():
     # all correct still leaves the uncertainty of 1,000 draws: about (0.5/1001) / 1000
     assert binomial_variance(1.0, 1000) == pytest.approx(0.5 / 1001 * (1000.5 / 1001) / 1000)
     assert arm_stats([1.0], [binomial_variance(1.0, 1000)]).se > 0  # one seed at 100% is judged, not refused
+    assert binomial_variance(1.0, 1) == pytest.approx(0.75 * 0.25)  # one sample is enough to be judged
     with pytest.raises(DitlabError, match="at least one sample"):
         binomial_variance(0.5, 0)
     two = arms(A=[0.9, 0.92, 0.91], B=[0.5, 0.52, 0.51])
@@ -95,6 +110,38 @@ def test_binomial_variance_and_the_verdict_record():
     (e,) = d["effects"]
     assert (e["a"], e["b"], e["confidence"]) == ("A", "B", 0.95)
     assert e["estimate"] == pytest.approx(0.4) and e["low"] < 0.4 < e["high"] and e["df"] == pytest.approx(4.0)
+
+
+def ci(low: float, high: float) -> Effect:
+    return Effect("A", "B", (low + high) / 2, low, high, 4.0, 0.95)
+
+
+def test_an_interval_touching_a_bound_does_not_exclude_it():
+    # better: the CI must exclude 0 strictly, either way
+    assert [judge_better(ci(lo, hi)) for lo, hi in [(1e-9, 1), (0, 1), (-1, 0), (-1, -1e-9), (-1, 1)]] == [
+        "reproduces", "inconclusive", "inconclusive", "contradicts", "inconclusive"]
+    # equivalent within +-1: inside the closed band reproduces; contradicting needs the whole CI outside it
+    assert [judge_equivalent(ci(lo, hi), 1.0) for lo, hi in [(-1, 0.5), (-0.5, 1), (1, 2), (1 + 1e-9, 2), (-2, -1),
+                                                              (-2, -1 - 1e-9), (-2, 0.5), (-0.5, 2)]] == [
+        "reproduces", "reproduces", "inconclusive", "contradicts", "inconclusive", "contradicts", "inconclusive", "inconclusive"]
+    # not worse than -1: the CI above -1 reproduces, wholly below -1 contradicts, across it is inconclusive
+    assert [judge_noninferior(ci(lo, hi), 1.0) for lo, hi in [(-1 + 1e-9, 3), (-1, 3), (-2, -1), (-2, -1 - 1e-9), (-2, 0.5)]] == [
+        "reproduces", "inconclusive", "inconclusive", "contradicts", "inconclusive"]
+    for judge in (judge_equivalent, judge_noninferior):
+        with pytest.raises(DitlabError, match="positive margin"):
+            judge(ci(-1, 1), 0.0)
+
+
+def test_the_verdict_record_keeps_the_claim_and_its_confidence():
+    three = arms(A=[0.95, 0.96, 0.94], B=[0.85, 0.86, 0.84], C=[0.70, 0.71, 0.72])
+    v = verdict("ordering", three, ["A", "B", "C"], higher_is_better=True, confidence=0.5)
+    assert v.claim == "ordering" and v.margin is None and all(e.confidence == 0.5 for e in v.effects)
+    wide = verdict("ordering", three, ["A", "B", "C"], higher_is_better=True).effects[0]
+    assert v.effects[0].high - v.effects[0].low < (wide.high - wide.low) / 3  # t(0.75, df) vs t(0.975, df)
+    with pytest.raises(DitlabError, match="compares two arms"):
+        verdict("better", three, ["A", "B", "C"], higher_is_better=True)
+    with pytest.raises(DitlabError, match="two or more"):
+        verdict("ordering", three, ["A"], higher_is_better=True)
 
 
 def test_combining_verdicts():

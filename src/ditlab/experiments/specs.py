@@ -14,12 +14,13 @@ share one trained model), or a tokenizer setting (`tokenizer.kind`, `tokenizer.t
 arm first trains that tokenizer, then its DiT on the tokens). `suite.yaml` holds the recipes and
 the profiles (smoke | cpu | gpu): budget, seeds, shared config and the evaluation protocol.
 
-Optional keys: `profiles.<p>.budget` (`{epochs: e}` or `{steps: n}`) and `profiles.<p>.points` replace
-the profile's budget and evaluated fractions for this finding (a study judged at matched compute,
-early in training, keeps its own; committed results keep theirs when the profile's change); `seed_arms: [a, b]` (also per profile, `profiles.<p>.seed_arms`) runs only those
+Optional keys: `seed_arms: [a, b]` (also per profile, `profiles.<p>.seed_arms`) runs only those
 arms with every seed and the others with one; `points: [0.25, 0.5, 1.0]` replaces the profile's
 evaluated fractions of the budget (the budget is then rounded up so that each is a whole step and a
-checkpoint); `analysis: scaling` (or `{kind: scaling, claims: [...]}`) takes the verdicts from
+checkpoint); `profiles.<p>.budget` (`{epochs: e}` or `{steps: n}`) and `profiles.<p>.points` replace
+the profile's budget and points for this finding alone (a study compared at matched compute keeps
+its short budget; committed results keep their points when the profile's change);
+`analysis: scaling` (or `{kind: scaling, claims: [...]}`) takes the verdicts from
 `scaling_study` (power-law fits, compute-matched comparisons), and `expect` may then be empty.
 """
 

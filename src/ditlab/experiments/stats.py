@@ -184,4 +184,4 @@ def verdict(claim: str, arms: dict[str, ArmStats], order: Sequence[str], *, high
             raise DitlabError(f"an {claim} claim needs a margin")
         judge = judge_equivalent if claim == "equivalent" else judge_noninferior
         return Verdict(claim, judge(effects[0], margin), effects, margin)
-    return Verdict(claim, combine([judge_better(e) for e in effects]), effects, margin)
+    return Verdict(claim, combine([judge_better(e) for e in effects]), effects)  # no margin in a better/ordering claim
