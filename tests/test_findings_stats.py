@@ -28,6 +28,21 @@ def test_welch_interval_matches_the_closed_form():
     assert (e.low, e.high, e.df) == pytest.approx((e.estimate - half, e.estimate + half, df))
 
 
+def test_two_seeds_and_the_degenerate_cases():
+    two = arm_stats([1.0, 3.0])
+    assert (two.mean, two.var_mean, two.n, two.values) == (2.0, 1.0, 2, [1.0, 3.0])  # s^2 = 2 over 2 seeds
+    e = effect(two, arm_stats([0.0, 0.5]), higher_is_better=True)
+    assert e.df == pytest.approx((1.0 + 0.0625) ** 2 / (1.0 + 0.0625**2))  # Welch with n - 1 = 1 on each side
+    assert e.high - e.estimate == pytest.approx(stats.t.ppf(0.975, e.df) * math.sqrt(1.0625))
+    # one seed on a side: the normal quantile, infinite degrees of freedom
+    one = effect(two, arm_stats([0.5], [0.25]), higher_is_better=True)
+    assert one.df == math.inf and one.high - one.estimate == pytest.approx(stats.norm.ppf(0.975) * math.sqrt(1.0 + 0.25))
+    # no spread and no sampling error on either side: the difference is exact
+    exact = effect(arm_stats([2.0, 2.0]), arm_stats([1.5, 1.5]), higher_is_better=False, names=("X", "Y"), confidence=0.9)
+    assert exact.as_dict() == {"a": "X", "b": "Y", "estimate": -0.5, "low": -0.5, "high": -0.5, "df": math.inf,
+                               "confidence": 0.9}
+
+
 def test_lower_is_better_flips_the_sign():
     fid = effect(arm_stats([2.0, 2.2, 2.1]), arm_stats([5.0, 5.3, 4.9]), higher_is_better=False)
     assert fid.estimate == pytest.approx(5.0667 - 2.1, abs=1e-3) and fid.low > 0
