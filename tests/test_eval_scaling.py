@@ -16,6 +16,7 @@ def test_recovers_exact_power_law():
     f = fit_power_law(x, 200 * x**-0.37)
     assert f.b == pytest.approx(-0.37, abs=1e-10) and f.a == pytest.approx(200, rel=1e-10)
     assert f.r2 == pytest.approx(1.0)
+    assert f([0.1, 2.0, 500.0]) == pytest.approx(200 * np.array([0.1, 2.0, 500.0]) ** -0.37, rel=1e-9)  # the fitted law
 
 
 def test_noisy_fit_agrees_with_curve_fit():
@@ -92,6 +93,10 @@ def test_grouped_bootstrap_resamples_grid_points():
     g, plain = fit_grouped(x, y, groups=x, seed=0), fit_power_law(x, y, seed=0)
     assert (g.a, g.b, g.r2, g.n) == (plain.a, plain.b, plain.r2, plain.n)  # same point estimate
     assert g.b_lo <= -0.4 <= g.b_hi and g.b_lo != plain.b_lo
+    # the bootstrap settings reach it: a 50% interval is narrower, resamples=0 skips the bootstrap
+    half = fit_grouped(x, y, groups=x, seed=0, ci=0.5, resamples=500)
+    assert g.b_lo < half.b_lo <= half.b_hi < g.b_hi and (half.ci, half.resamples) == (0.5, 500)
+    assert fit_grouped(x, y, groups=x, resamples=0).resamples == 0
     with pytest.raises(DitlabError, match="one label per point"):
         fit_grouped(x, y, groups=x[:-1])
 
