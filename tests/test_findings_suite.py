@@ -94,8 +94,13 @@ def test_smoke_finding_end_to_end_through_the_cli(tmp_path, capsys):
     assert main(["reproduce", "11", "--profile", "smoke", "--out", str(out)]) == 0
     assert "0 to run" in capsys.readouterr().out
     before = (out / "REPORT.md").read_text()
+    (page / "grid_an_arm_of_an_earlier_spec.png").write_bytes(b"")
+    (out / "finding_13").mkdir()
+    (out / "finding_13" / "report.md").write_text("a page of results that are no longer planned")
     assert main(["report", "--out", str(out)]) == 0
     assert (out / "REPORT.md").read_text() == before
+    assert sorted(p.name for p in page.glob("*.png")) == ["curves.png", "grid_ddpm.png", "grid_flow.png", "loss.png"]
+    assert not (out / "finding_13").exists()
 
 
 def test_tokenizer_arm_trains_the_same_tokenizer_as_the_command(tmp_path, capsys):

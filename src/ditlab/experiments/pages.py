@@ -299,6 +299,9 @@ def write_finding(finding: Finding, profile: Profile, arm_runs: list[ArmRun], un
         if src is not None and src.is_file():
             shutil.copyfile(src, folder / f"grid_{name}.png")
             grids[name] = f"grid_{name}.png"
+    # figures of an earlier report (arms or curves this one does not have) would pass for current ones
+    for stale in {p.name for p in folder.glob("*.png")} - set(figures) - set(grids.values()):
+        (folder / stale).unlink()
     fracs = sorted({f for e in finding.expectations_for(profile.name) for _, f in e.arm_points()} | {1.0})
     ev = {**profile.eval, "points": finding.points_for(profile)}  # a finding may set its own points
     lines = [f"# Finding {finding.id}: {finding.title}", "", f"> {finding.claim}", "", f"Source: {finding.source}.", "",

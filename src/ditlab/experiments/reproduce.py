@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -114,6 +115,9 @@ def write_reports(suite: Suite, ids: list[str]) -> Path:
     units, arm_runs = suite.plan(findings)
     if not ids:
         started = {a.finding for a in arm_runs if record_path(suite.out, a.unit).is_file()}
+        for f in findings:  # the page of results no longer planned (a changed spec or profile) would pass for current
+            if f.id not in started:
+                shutil.rmtree(suite.out / f"finding_{f.id}", ignore_errors=True)
         findings = [f for f in findings if f.id in started]
     references = {}  # data source -> real-data floor of the metrics
     for path in suite.out.glob("reference*.json"):
