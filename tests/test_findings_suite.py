@@ -99,8 +99,15 @@ def test_smoke_finding_end_to_end_through_the_cli(tmp_path, capsys):
     (out / "finding_13" / "report.md").write_text("a page of results that are no longer planned")
     assert main(["report", "--out", str(out)]) == 0
     assert (out / "REPORT.md").read_text() == before
+    # the table lists the whole suite: a finding with no arm started has a row, no page
+    rows = [line for line in before.splitlines() if line.startswith("| ") and "**" in line]
+    assert len(rows) == len(load_findings())
+    for fid in load_findings():
+        has_page = (out / f"finding_{fid}").is_dir()
+        assert sum(r.startswith(f"| [{fid}](finding_{fid}/report.md) |") for r in rows) == has_page
+        assert sum(r.startswith(f"| {fid} | ") and r.endswith("**not run** |") for r in rows) == (not has_page)
+    assert not (out / "finding_13").exists() and "| 13 | " in before
     assert sorted(p.name for p in page.glob("*.png")) == ["curves.png", "grid_ddpm.png", "grid_flow.png", "loss.png"]
-    assert not (out / "finding_13").exists()
 
 
 def test_tokenizer_arm_trains_the_same_tokenizer_as_the_command(tmp_path, capsys):

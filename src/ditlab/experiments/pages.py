@@ -371,7 +371,8 @@ def write_finding(finding: Finding, profile: Profile, arm_runs: list[ArmRun], un
 
 
 def write_index(summaries: list[dict], out: Path, profile: Profile) -> Path:
-    """OUT/REPORT.md: one row per finding."""
+    """OUT/REPORT.md: one row per finding; a summary of verdict "not run" (no arm started) gets a row
+    without a page, so that the table always shows the whole suite."""
     counts = defaultdict(int)
     for s in summaries:
         counts[s["verdict"]] += 1
@@ -379,12 +380,15 @@ def write_index(summaries: list[dict], out: Path, profile: Profile) -> Path:
              "Each claim of the research notes run as an experiment (`ditlab reproduce`), with the verdict from "
              "the statistics: **reproduces** (every stated comparison holds at 95% confidence), **contradicts** "
              "(a comparison goes significantly the other way), **inconclusive** (the intervals cannot tell), "
-             "**pending** (arms still running). *Arms at chance*: image arms whose samples are not recognised "
+             "**pending** (arms still running), **not run** (no arm started yet). *Arms at chance*: image arms whose samples are not recognised "
              "above chance class accuracy at the end of the budget (still early in training).", "",
              "Totals: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".", "",
              "| finding | claim | measurement (effect [95% CI], positive = as claimed) | seeds | budget | arms at chance | verdict |",
              "|---|---|---|---|---|---|---|"]
     for s in summaries:
+        if s["verdict"] == "not run":
+            lines.append(f"| {s['id']} | {s['claim']} | — | — | — | — | **not run** |")
+            continue
         measured = "<br>".join(f"{r['metric']} {_statement(r)}: {_effects_text(r)} → {r['verdict']}" for r in s["expectations"])
         lines.append(f"| [{s['id']}](finding_{s['id']}/report.md) | {s['claim']} | {measured} | {s['seeds']} | "
                      f"{s['steps']} steps ({s['amount']}) | {', '.join(s.get('at_chance') or {}) or '—'} | **{s['verdict']}** |")

@@ -3,7 +3,8 @@
     ditlab report --out reports/cpu          # after (or during) `ditlab reproduce`
 
 Without ids, the findings with any results in the folder get pages; those whose arms are not all
-finished are marked pending, the rest get their verdicts.
+finished are marked pending, the rest get their verdicts; REPORT.md lists the findings with no
+results yet as not run.
 """
 
 from __future__ import annotations

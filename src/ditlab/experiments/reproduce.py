@@ -110,20 +110,19 @@ def _command(args: argparse.Namespace, out: Path, seeds: int, extra: list[str]) 
 def write_reports(suite: Suite, ids: list[str]) -> Path:
     """Pages of the findings named by ids, or of every finding with any results in OUT (some arms
     of a finding are often another's: its page then shows them, pending the rest); REPORT.md over
-    the pages written."""
+    the pages written, and without ids a "not run" row for each other finding."""
     findings = [suite.findings[i] for i in ids] if ids else list(suite.findings.values())
     units, arm_runs = suite.plan(findings)
-    if not ids:
-        started = {a.finding for a in arm_runs if record_path(suite.out, a.unit).is_file()}
-        for f in findings:  # the page of results no longer planned (a changed spec or profile) would pass for current
-            if f.id not in started:
-                shutil.rmtree(suite.out / f"finding_{f.id}", ignore_errors=True)
-        findings = [f for f in findings if f.id in started]
+    started = {a.finding for a in arm_runs if record_path(suite.out, a.unit).is_file()} if not ids else set(ids)
+    for f in findings:  # the page of results no longer planned (a changed spec or profile) would pass for current
+        if f.id not in started:
+            shutil.rmtree(suite.out / f"finding_{f.id}", ignore_errors=True)
     references = {}  # data source -> real-data floor of the metrics
     for path in suite.out.glob("reference*.json"):
         floor = json.loads(path.read_text())
         references[floor["data"]] = floor
-    summaries = [write_finding(f, suite.profile, arm_runs, units, suite.out, references) for f in findings]
+    summaries = [write_finding(f, suite.profile, arm_runs, units, suite.out, references) if f.id in started
+                 else {"id": f.id, "claim": f.claim, "verdict": "not run"} for f in findings]
     return write_index(summaries, suite.out, suite.profile)
 
 
