@@ -53,6 +53,8 @@ MODULES: dict[str, tuple[list[str], str | None]] = {
                      "tests/test_eval_command.py"], None),
     "experiments/stats.py": (["tests/test_findings_stats.py"], None),
     "eval/scaling.py": (["tests/test_eval_scaling.py"], None),
+    "train/checkpoint.py": (["tests/test_checkpoint.py", "tests/test_reliability.py"],
+                            "not locked and not holder and not signal and not progress and not sample_writes"),
 }
 
 # Lines not mutated (regular expressions, searched in each line).

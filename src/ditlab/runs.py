@@ -316,8 +316,9 @@ class Run:
 
 
 def build_run(cfg: Config, state_dict: dict[str, Tensor] | None = None, *, device: str | torch.device = "cpu",
-              objective_state: dict | None = None, source: str = "checkpoint") -> Run:
-    """A Run from a config and weights (e.g. an official .pt read by `ditlab sample`)."""
+              objective_state: dict | None = None, source: str = "checkpoint", codec: Codec | None = None) -> Run:
+    """A Run from a config and weights (e.g. an official .pt read by `ditlab sample`); `codec`: the one
+    `cfg.vae` names when the caller has loaded it already (else it is loaded here)."""
     model = build_model(cfg)
     if state_dict is not None:
         check_state_dict(model, state_dict, source)  # one line naming the keys/shapes that differ
@@ -325,7 +326,7 @@ def build_run(cfg: Config, state_dict: dict[str, Tensor] | None = None, *, devic
     objective = build_objective(cfg)
     if objective_state:
         objective.load_state_dict(objective_state)
-    codec = load_codec(cfg.vae, device)
+    codec = codec.to(device) if codec is not None else load_codec(cfg.vae, device)
     if codec is not None and codec.latent_channels != model.in_channels:
         raise DitlabError(f"the VAE has {codec.latent_channels} latent channels but the model takes {model.in_channels}")
     return Run(cfg, model.to(device).eval(), objective, codec)

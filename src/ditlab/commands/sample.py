@@ -143,6 +143,7 @@ def run(args) -> int:
     cfg, state, weights, official = _resolve(args)
     if is_language_model(cfg):
         raise DitlabError(f"{weights} holds a byte language model, which samples text: use `ditlab lm generate --ckpt`")
+    codec = None
     if official or args.image_size is not None:
         # Official-style: the model sees the VAE's latent grid (image_size / 8 for the SD-VAE).
         codec = load_codec(cfg.vae)
@@ -152,7 +153,7 @@ def run(args) -> int:
         raise DitlabError(f"the model samples {cfg.model.in_channels}-channel latents: pass --vae with the autoencoder to decode them")
     # The objective's saved state (e.g. a flow's measured data std) sits beside ditlab weights.
     run = build_run(cfg, state, device=device, objective_state=saved_objective_state(weights),
-                    source=f"checkpoint {weights}")
+                    source=f"checkpoint {weights}", codec=codec)
     labels = _labels(args, cfg, run.model.num_classes)
     images, labels = generate(run, labels, cfg_scale=args.cfg_scale, eta=args.eta, clip_denoised=args.clip_denoised,
                               progress=not args.no_progress and sys.stderr.isatty())  # no per-step lines in logs

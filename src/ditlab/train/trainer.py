@@ -240,7 +240,8 @@ class Trainer:
                         terms[k] = terms.get(k, 0.0) + v / a
                 grad_norm = D.clip_gradients(self.model, cfg.optim.grad_clip, t.fsdp)
                 names = sorted(terms)
-                logged = dict(zip(names, D.all_reduce_mean(torch.stack([terms[k] for k in names]).cpu(), env).tolist()))
+                # reduced where the terms live (NCCL takes device tensors only), then one read-back
+                logged = dict(zip(names, D.all_reduce_mean(torch.stack([terms[k] for k in names]), env).cpu().tolist()))
                 if not math.isfinite(logged["loss"]):
                     raise DitlabError(f"non-finite loss ({logged['loss']}) at step {self.step + 1}; stopped without "
                                       f"saving ({ckpt.last_good(self.run_dir, self.step)}); try a lower optim.lr or set optim.grad_clip")
