@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ditlab.cli import main
@@ -36,6 +37,14 @@ def test_save_layout_latest_and_keep_last(tmp_path):
     assert torch.equal(load_file(ckpts / "step_0000030" / "model.safetensors")["w"], torch.full((2, 2), 30.0))
     assert torch.load(ckpts / "step_0000030" / "state.pt", weights_only=True) == {"step": 30}
     assert runs.checkpoint_step(ckpts / "step_0000030" / "ema.safetensors") == 30
+    with safe_open(ckpts / "step_0000030" / "model.safetensors", "pt") as f:  # "format": what loaders of .safetensors read
+        assert f.metadata() == {"format": "pt", "ditlab_step": "30"}
+    # saved into a run folder that does not exist yet, keeping the last two by default (train.keep_last's default)
+    new_run = tmp_path / "new" / "run"
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(new_run, step, {"w": torch.zeros(1)}, {"w": torch.zeros(1)}, {}, Config())
+    assert sorted(p.name for p in (new_run / "checkpoints").iterdir()) == ["latest", "step_0000002", "step_0000003"]
+    assert Config().train.keep_last == 2
 
 
 def test_resolve_checkpoint_accepts_run_step_dir_and_file(tmp_path):
@@ -133,3 +142,107 @@ def test_figures_are_written_whole_and_closed(tmp_path, monkeypatch):
     # a full disk keeps the old figure whole, leaves no temporary file, and the figure is closed all the same
     assert Image.open(tmp_path / "new" / "plot.png").size == (100, 50) and not plt.get_fignums()
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["plot.png"]
+
+
+def test_keep_last_zero_keeps_every_step_and_latest_is_never_pruned(tmp_path):
+    for step in (10, 20, 30):
+        _save(tmp_path, step, keep=0)
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000010", "step_0000020", "step_0000030"]
+    # re-saving an older step (a resume from it) keeps it: `latest` names it, though it is not among the newest two
+    _save(tmp_path, 10, keep=2)
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000010", "step_0000020", "step_0000030"]
+    assert runs.latest_checkpoint(tmp_path) == ckpts / "step_0000010"
+    _save(tmp_path, 40, keep=2)  # once latest moves on, the older steps go
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000030", "step_0000040"]
+
+
+def test_resaving_a_step_replaces_its_files_and_leaves_no_old_copy(tmp_path):
+    _save(tmp_path, 5)
+    step = tmp_path / "checkpoints" / "step_0000005"
+    ckpt.save_checkpoint(tmp_path, 5, {"w": torch.full((2, 2), 7.0)}, {"w": torch.zeros(2, 2)}, {"step": 5, "again": 1},
+                         Config(), keep_last=2)
+    assert torch.equal(load_file(step / "model.safetensors")["w"], torch.full((2, 2), 7.0))
+    assert torch.equal(load_file(step / "ema.safetensors")["w"], torch.zeros(2, 2))
+    assert torch.load(step / "state.pt", weights_only=True) == {"step": 5, "again": 1}
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_0000005"]
+
+
+def test_prune_removes_what_killed_saves_left_behind(tmp_path):
+    _save(tmp_path, 1)
+    ckpts = tmp_path / "checkpoints"
+    for stray in (".tmp-step_0000002-123", ".old-step_0000001-456"):
+        (ckpts / stray).mkdir()
+    (ckpts / "step_notes").mkdir()  # not a step directory: neither counted nor removed
+    (ckpts / "step_0000000").write_text("a file, not a step directory")
+    (ckpts / ".tmp-step_0000009-789").write_text("")  # debris that rmtree cannot take never fails a save
+    ckpt.prune(ckpts, keep_last=1)
+    assert sorted(p.name for p in ckpts.iterdir()) == [".tmp-step_0000009-789", "latest", "step_0000000",
+                                                      "step_0000001", "step_notes"]
+    (ckpts / ".tmp-step_0000009-789").unlink()
+    _save(tmp_path, 2, keep=1)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000000", "step_0000002", "step_notes"]
+    _save(tmp_path, 3, keep=0)
+    (ckpts / "latest").unlink()  # without a pointer, the newest k stay
+    ckpt.prune(ckpts, keep_last=1)
+    assert sorted(p.name for p in ckpts.glob("step_0*")) == ["step_0000000", "step_0000003"]
+
+
+def test_sorted_metadata_is_a_valid_file_whatever_the_insertion_order(tmp_path):
+    from safetensors.torch import save
+
+    tensors = {"b": torch.arange(3.0), "a": torch.ones(2, dtype=torch.int64)}
+    for meta in ({"z": "1", "a": "22", "m": "333"}, {"m": "333", "z": "1", "a": "22"}, None):
+        blob = ckpt._sorted_metadata(save(tensors, metadata=meta))
+        n = int.from_bytes(blob[:8], "little")
+        assert n % 8 == 0 and blob[8 + n - 1:8 + n] in (b"}", b" ")
+        (tmp_path / "f.safetensors").write_bytes(blob)
+        with safe_open(tmp_path / "f.safetensors", "pt") as f:
+            assert f.metadata() == meta and sorted(f.keys()) == ["a", "b"]
+            assert torch.equal(f.get_tensor("b"), torch.arange(3.0)) and torch.equal(f.get_tensor("a"), torch.ones(2, dtype=torch.int64))
+        if meta:
+            header = blob[8:8 + n].decode()
+            assert header.index('"a"') < header.index('"m"') < header.index('"z"')
+    assert ckpt._sorted_metadata(save(tensors, metadata={"z": "1", "a": "2"})) == \
+        ckpt._sorted_metadata(save(tensors, metadata={"a": "2", "z": "1"}))
+
+
+def test_integer_buffers_do_not_count_as_non_finite_and_ema_is_checked_too(tmp_path):
+    sd = {"w": torch.ones(2), "count": torch.tensor([3], dtype=torch.int64)}
+    ckpt.save_checkpoint(tmp_path, 1, sd, dict(sd), {}, Config())  # int tensors have no NaN to look for
+    with pytest.raises(DitlabError, match=r"the EMA weights hold NaN or Inf \(w\)"):
+        ckpt.save_checkpoint(tmp_path, 2, sd, {"w": torch.tensor([1.0, float("-inf")]), "count": sd["count"]}, {}, Config())
+    assert runs.latest_checkpoint(tmp_path).name == "step_0000001"
+
+
+def test_last_good_names_the_checkpoint_before_the_bad_step(tmp_path):
+    for step in (2, 4, 6, 1_234_567):  # (the last fills every digit of the name)
+        _save(tmp_path, step, keep=0)
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "step_notes").mkdir()  # not a step: ignored
+    assert ckpt.last_good(tmp_path, 5) == f"last good checkpoint: {ckpts / 'step_0000004'}"
+    assert ckpt.last_good(tmp_path, 7) == f"last good checkpoint: {ckpts / 'step_0000006'}"
+    assert ckpt.last_good(tmp_path, 2_000_000) == f"last good checkpoint: {ckpts / 'step_1234567'}"
+    assert ckpt.last_good(tmp_path, 6) == (f"last good checkpoint: {ckpts / 'step_0000004'}; step_0000006 holds the "
+                                           "weights that gave it, resume from the good one")
+    assert ckpt.last_good(tmp_path, 2).startswith("last good checkpoint: none; step_0000002 holds")
+    assert ckpt.last_good(tmp_path / "elsewhere", 3) == "last good checkpoint: none"
+
+
+def test_a_save_that_fails_otherwise_names_the_cause_in_one_line(tmp_path, monkeypatch):
+    _save(tmp_path, 1)
+
+    def read_only(path, data):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(ckpt, "write_bytes_synced", read_only)
+    with pytest.raises(DitlabError) as e:
+        _save(tmp_path, 2)
+    assert "(Read-only file system)" in str(e.value) and "disk full" not in str(e.value)
+    assert "step_0000001 is intact" in str(e.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_0000001"]
+    # a run folder that cannot hold a checkpoints folder (a file stands there): one line, nothing half-made
+    monkeypatch.undo()
+    (tmp_path / "blocked").write_text("")
+    with pytest.raises(DitlabError, match="no earlier checkpoint exists"):
+        _save(tmp_path / "blocked", 1)

@@ -108,7 +108,7 @@ def _save(run: Path, step: int, value: float) -> Path:
 def test_non_finite_weights_are_never_saved(tmp_path):
     _save(tmp_path, 1, 1.0)
     for bad in (float("inf"), float("nan")):
-        with pytest.raises(DitlabError, match=r"refusing to save checkpoint step_0000002: .*NaN or Inf \(w\).*"
+        with pytest.raises(DitlabError, match=r"refusing to save checkpoint step_0000002: the model weights hold NaN or Inf \(w\).*"
                                               r"last good checkpoint: .*step_0000001"):
             _save(tmp_path, 2, bad)
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_0000001"

@@ -53,6 +53,9 @@ MODULES: dict[str, tuple[list[str], str | None]] = {
                      "tests/test_eval_command.py"], None),
     "experiments/stats.py": (["tests/test_findings_stats.py"], None),
     "eval/scaling.py": (["tests/test_eval_scaling.py"], None),
+    "objectives/gaussian.py": (["tests/test_gaussian.py", "tests/test_official_fixtures.py", "tests/test_objective_targets.py",
+                                "tests/test_sampling_labels.py"],
+                               "not training_then_sampling and not test_dit and not seeded_initialisation and not global_rng"),
     "train/checkpoint.py": (["tests/test_checkpoint.py", "tests/test_reliability.py"],
                             "not locked and not holder and not signal and not progress and not sample_writes"),
 }

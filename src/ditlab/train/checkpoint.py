@@ -135,7 +135,6 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
         return  # 0 = keep everything
     pointer = ckpt_dir / LATEST
     keep = pointer.read_text().strip() if pointer.is_file() else None
-    steps = sorted(d for d in ckpt_dir.glob("step_*") if d.is_dir())
-    for d in steps[:-keep_last]:
-        if d.name != keep:
-            shutil.rmtree(d, ignore_errors=True)
+    for step in _checkpoint_steps(ckpt_dir.parent)[:-keep_last]:
+        if step_dir_name(step) != keep:
+            shutil.rmtree(ckpt_dir / step_dir_name(step), ignore_errors=True)
