@@ -219,7 +219,8 @@ def test_last_good_names_the_checkpoint_before_the_bad_step(tmp_path):
     for step in (2, 4, 6, 1_234_567):  # (the last fills every digit of the name)
         _save(tmp_path, step, keep=0)
     ckpts = tmp_path / "checkpoints"
-    (ckpts / "step_notes").mkdir()  # not a step: ignored
+    (ckpts / "step_notes").mkdir()  # not steps: ignored
+    (ckpts / "step_x1").mkdir()
     assert ckpt.last_good(tmp_path, 5) == f"last good checkpoint: {ckpts / 'step_0000004'}"
     assert ckpt.last_good(tmp_path, 7) == f"last good checkpoint: {ckpts / 'step_0000006'}"
     assert ckpt.last_good(tmp_path, 2_000_000) == f"last good checkpoint: {ckpts / 'step_1234567'}"

@@ -108,13 +108,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model_sd: dict[str, Tensor],
         write_bytes_synced(tmp / "state.pt", buf.getvalue())
         write_bytes_synced(tmp / "config.yaml", config_yaml(cfg).encode())
         fsync_dir(tmp)
-        if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
-            old = ckpt_dir / f".old-{name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside (prune removes it)
+            os.replace(final, ckpt_dir / f".old-{name}-{os.getpid()}")
+        os.replace(tmp, final)
         fsync_dir(ckpt_dir)
         write_atomic(ckpt_dir / LATEST, (name + "\n").encode())
         fsync_dir(ckpt_dir)
@@ -130,7 +126,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_sd: dict[str, Tensor],
 def prune(ckpt_dir: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` step directories (never the one `latest` names)."""
     for stale in list(ckpt_dir.glob(".tmp-step_*")) + list(ckpt_dir.glob(".old-step_*")):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a save that was killed half-way
+        shutil.rmtree(stale, ignore_errors=True)  # a killed save's, or the step a re-save replaced
     if keep_last <= 0:
         return  # 0 = keep everything
     pointer = ckpt_dir / LATEST
