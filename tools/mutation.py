@@ -132,6 +132,7 @@ def prepare(module: str, fresh: bool) -> Path:
         "source_paths = src/ditlab",
         f"only_mutate = src/ditlab/{module}",
         "process_isolation = forkserver",  # torch is not fork-safe once it has run in the parent
+        "also_copy =", "    benchmarks",  # the official-fixture tests import benchmarks/make_official_fixtures.py
         "pytest_add_cli_args_test_selection =", *(f"    {t}" for t in tests),
         "pytest_add_cli_args =", *(f"    {a}" for a in args),
         "do_not_mutate_patterns =", *(f"    {p}" for p in DO_NOT_MUTATE),
