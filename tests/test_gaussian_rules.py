@@ -8,9 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from torch import nn
+
 from ditlab.config import load_config
+from ditlab.errors import DitlabError
 from ditlab.objectives import build_objective
-from ditlab.objectives.gaussian import GaussianObjective, LossSecondMomentResampler, create_diffusion
+from ditlab.objectives.gaussian import (GaussianDiffusion, GaussianObjective, LossSecondMomentResampler, create_diffusion,
+                                        get_named_beta_schedule)
 
 
 COSINE = "squaredcos_cap_v2"  # the linear schedule needs more than 20 steps
@@ -217,3 +221,108 @@ def test_ddim_inversion_clips_its_x0_by_default():
     x0 = clipped["pred_xstart"]
     eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
     torch.testing.assert_close(clipped["sample"], nxt.sqrt() * x0 + (1 - nxt).sqrt() * eps, rtol=1e-5, atol=1e-5)
+
+
+# -------------------------------------------------------------------------------------- sampling
+
+
+class _Stub(nn.Module):
+    """A class-conditional 'model' whose eps depends on x, t and y (learned-sigma channels at 0),
+    recording the batch size and timesteps of each call."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.num_classes, self.in_channels, self.calls = num_classes, 1, []
+
+    def forward(self, x, t, y=None):
+        self.calls.append((x.shape[0], t.clone()))
+        label = torch.zeros_like(t) if y is None else y
+        eps = torch.tanh(x + t.float().view(-1, 1, 1, 1) / 100 + label.float().view(-1, 1, 1, 1) / 5)
+        return torch.cat([eps, torch.zeros_like(x)], dim=1)
+
+
+def _g(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_sampling_runs_the_respaced_loop_it_names():
+    obj = GaussianObjective(noise_schedule=COSINE, diffusion_steps=100)
+    noise, y = torch.randn(2, 1, 3, 3), torch.tensor([0, 2])
+    for sampler, respacing, extra in (("ddpm", "10", {}), ("ddim", "ddim10", {"eta": 0.5})):
+        reference = create_diffusion(respacing, noise_schedule=COSINE, diffusion_steps=100)
+        loop = reference.ddim_sample_loop if sampler == "ddim" else reference.p_sample_loop
+        outs = []
+        for clip in (True, False):
+            stub = _Stub()
+            got = obj.sample(stub, noise, y, sampler=sampler, steps=10, clip_denoised=clip, generator=_g(0), **extra)
+            want = loop(_Stub(), tuple(noise.shape), noise=noise, clip_denoised=clip, model_kwargs={"y": y},
+                        generator=_g(0), **extra)
+            assert torch.equal(got, want), (sampler, clip)
+            assert obj.last_nfe == len(stub.calls) == 10
+            outs.append(got)
+        assert not torch.equal(*outs)  # clipping mattered: the test can tell the two apart
+
+
+def test_sampling_defaults_are_ddpm_250_steps_unguided_clipped_and_quiet(capsys):
+    obj = GaussianObjective()
+    stub, noise, y = _Stub(), torch.randn(1, 1, 2, 2), torch.tensor([1])
+    got = obj.sample(stub, noise, y, generator=_g(1))
+    want = create_diffusion("250").p_sample_loop(_Stub(), (1, 1, 2, 2), noise=noise, clip_denoised=True,
+                                                 model_kwargs={"y": y}, generator=_g(1))
+    assert torch.equal(got, want)
+    assert len(stub.calls) == obj.last_nfe == 250 and {b for b, _ in stub.calls} == {1}  # no doubled batch
+    assert capsys.readouterr().err == ""  # no progress bar unless asked
+
+
+def test_guidance_interval_guides_only_inside_it_even_for_a_batch_of_one():
+    obj = GaussianObjective(noise_schedule=COSINE, diffusion_steps=100)
+    stub = _Stub()
+    obj.sample(stub, torch.randn(1, 1, 2, 2), torch.tensor([1]), sampler="ddim", steps=10, cfg_scale=3.0,
+               guidance_interval=[0.0, 0.5], generator=_g(0))
+    for batch, t in stub.calls:  # the guided steps run the doubled (conditional + null) batch
+        assert batch == (2 if t[0] / 100 <= 0.5 else 1), (batch, t)
+    assert {b for b, _ in stub.calls} == {1, 2} and obj.last_nfe == 10
+
+
+def test_sampling_options_eta_and_guidance_are_checked():
+    obj = GaussianObjective(noise_schedule=COSINE, diffusion_steps=100)
+    noise, y = torch.randn(1, 1, 2, 2), torch.tensor([0])
+    with pytest.raises(DitlabError, match=r"does not take option\(s\) order"):
+        obj.sample(_Stub(), noise, y, steps=4, order=2)
+    obj.sample(_Stub(), noise, y, steps=4, order=None)  # an option left at None was not given
+    with pytest.raises(DitlabError, match="applies to the ddim sampler only"):
+        obj.sample(_Stub(), noise, y, sampler="ddpm", steps=4, eta=0.5)
+    obj.sample(_Stub(), noise, y, sampler="ddim", steps=4, eta=0.5)
+    obj.sample(_Stub(num_classes=0), noise, torch.tensor([-1]), steps=4)  # unconditional, unguided
+    with pytest.raises(DitlabError, match="needs a class-conditional model"):
+        obj.sample(_Stub(num_classes=0), noise, torch.tensor([-1]), steps=4, cfg_scale=2.0)
+
+
+def test_step_counts_each_sampler_can_take():
+    obj = GaussianObjective(noise_schedule=COSINE, diffusion_steps=100)
+    for sampler, steps in (("ddpm", 100), ("ddpm", 11), ("ddpm", 2), ("ddim", 10), ("ddim", 100)):
+        obj.check_sampling(sampler, steps)
+    for sampler, steps, message in (("ddim", 11, "integer stride"), ("ddpm", 1, "between 2"), ("ddpm", 101, "between 2")):
+        with pytest.raises(DitlabError, match=message):
+            obj.check_sampling(sampler, steps)
+
+
+def test_kl_losses_are_the_variational_bound_term_once_and_times_t():
+    betas = get_named_beta_schedule(COSINE, 10)
+    x0, noise, t = torch.rand(3, 1, 2, 2) * 2 - 1, torch.randn(3, 1, 2, 2), torch.tensor([0, 3, 9])
+    kl = GaussianDiffusion(betas, loss_type="kl")
+    loss = kl.training_losses(_Stub(), x0, t, noise=noise)["loss"]
+    x_t = kl.q_sample(x0, t, noise=noise)
+    torch.testing.assert_close(loss, kl._vb_terms_bpd(_Stub(), x0, x_t, t, clip_denoised=False)["output"])
+    rescaled = GaussianDiffusion(betas, loss_type="rescaled_kl").training_losses(_Stub(), x0, t, noise=noise)["loss"]
+    torch.testing.assert_close(rescaled, loss * 10)
+
+
+def test_bits_per_dim_loop_draws_its_noise_from_the_generator():
+    d = create_diffusion("", noise_schedule=COSINE, diffusion_steps=6)
+    x = torch.rand(2, 1, 2, 2) * 2 - 1
+    totals = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        totals.append(d.calc_bpd_loop(_Stub(), x, model_kwargs={"y": torch.tensor([0, 1])}, generator=_g(4))["total_bpd"])
+    assert torch.equal(*totals)

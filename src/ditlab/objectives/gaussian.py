@@ -360,7 +360,8 @@ class GaussianDiffusion:
     def _loop(self, step: Callable, model, shape, noise, device, progress, generator, **step_kw) -> Iterator[dict]:
         if device is None:  # the model's device (also for a bound method such as model.forward_with_cfg)
             owner = getattr(model, "__self__", model)
-            device = next(owner.parameters()).device if isinstance(owner, nn.Module) else torch.device("cpu")
+            param = next(owner.parameters(), None) if isinstance(owner, nn.Module) else None
+            device = param.device if param is not None else torch.device("cpu")
         assert isinstance(shape, (tuple, list))
         if noise is not None:
             img = noise
