@@ -326,3 +326,58 @@ def test_bits_per_dim_loop_draws_its_noise_from_the_generator():
         torch.manual_seed(global_seed)
         totals.append(d.calc_bpd_loop(_Stub(), x, model_kwargs={"y": torch.tensor([0, 1])}, generator=_g(4))["total_bpd"])
     assert torch.equal(*totals)
+
+
+def test_default_step_counts_follow_the_process_length():
+    assert GaussianObjective().resolve_sampling(None, None) == ("ddpm", 250)  # the official sample.py
+    assert GaussianObjective(noise_schedule=COSINE, diffusion_steps=100).resolve_sampling(None, None) == ("ddpm", 100)
+
+
+def test_sampling_loops_apply_denoised_fn_and_are_quiet_by_default(capsys):
+    d = create_diffusion("5", noise_schedule=COSINE, diffusion_steps=50)
+    noise, kw = torch.randn(2, 1, 2, 2), {"model_kwargs": {"y": torch.tensor([0, 1])}}
+    for loop in (d.p_sample_loop, d.ddim_sample_loop):
+        plain = loop(_Stub(), (2, 1, 2, 2), noise=noise, generator=_g(0), **kw)
+        # at t = 0 both steps return their x0 prediction (no noise, posterior weight 0 on x_t)
+        zeroed = loop(_Stub(), (2, 1, 2, 2), noise=noise, generator=_g(0), denoised_fn=torch.zeros_like, **kw)
+        assert plain.abs().min() > 0 and torch.equal(zeroed, torch.zeros_like(zeroed))
+    assert capsys.readouterr().err == ""
+
+
+def _approx_cdf64(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def test_discretized_log_likelihood_edges_and_interior_bins():
+    from ditlab.objectives.gaussian import discretized_gaussian_log_likelihood
+
+    x = torch.tensor([-1.0, -1.0, 0.2, 1.0, 1.0])
+    means = torch.tensor([-0.95, 0.3, 0.25, 0.9, -0.2])
+    log_scales = torch.log(torch.tensor([0.05, 0.5, 0.1, 0.05, 0.5]))
+    got = discretized_gaussian_log_likelihood(x, means, log_scales).double().numpy()
+    xs, mu, sd = x.double().numpy(), means.double().numpy(), np.exp(log_scales.double().numpy())
+    plus, minus = _approx_cdf64((xs - mu + 1 / 255) / sd), _approx_cdf64((xs - mu - 1 / 255) / sd)
+    want = np.where(xs < -0.999, np.log(plus), np.where(xs > 0.999, np.log(1 - minus), np.log(plus - minus)))
+    # float32 evaluation of the same formula: a few ulps of the CDFs, divided by the probabilities
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 / np.exp(want).min())
+    assert (got < 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_normal_kl_takes_python_floats_on_either_side(dtype):
+    from ditlab.objectives.gaussian import normal_kl
+
+    m1, lv1 = torch.tensor([0.3, -1.2], dtype=dtype), torch.tensor([0.2, -0.7], dtype=dtype)
+
+    def closed(m1, lv1, m2, lv2):
+        return 0.5 * (-1.0 + lv2 - lv1 + np.exp(lv1 - lv2) + (m1 - m2) ** 2 * np.exp(-lv2))
+
+    def ref(a, i):  # as the official code: a Python-float log-variance becomes a float32 tensor first
+        return a.double().numpy() if torch.is_tensor(a) else float(np.float32(a)) if i in (1, 3) else a
+
+    for args in ((m1, 0.1, 0.5, -0.3), (0.25, lv1, m1, 0.1), (m1, lv1, 0.5, 0.1)):
+        got = normal_kl(*args)
+        want = closed(*(ref(a, i) for i, a in enumerate(args)))
+        assert got.dtype == dtype  # the floats take the tensors' dtype
+        # a sum of five terms of size <= 4 that cancel to the KL: a few ulps of 4 in the dtype
+        np.testing.assert_allclose(got.double().numpy(), want, rtol=0, atol=32 * torch.finfo(dtype).eps)
