@@ -258,6 +258,9 @@ def test_sampling_runs_the_respaced_loop_it_names():
             want = loop(_Stub(), tuple(noise.shape), noise=noise, clip_denoised=clip, model_kwargs={"y": y},
                         generator=_g(0), **extra)
             assert torch.equal(got, want), (sampler, clip)
+            torch.manual_seed(99)  # the loop's noise comes from the generator alone
+            again = obj.sample(_Stub(), noise, y, sampler=sampler, steps=10, clip_denoised=clip, generator=_g(0), **extra)
+            assert torch.equal(got, again)
             assert obj.last_nfe == len(stub.calls) == 10
             outs.append(got)
         assert not torch.equal(*outs)  # clipping mattered: the test can tell the two apart
@@ -342,6 +345,9 @@ def test_sampling_loops_apply_denoised_fn_and_are_quiet_by_default(capsys):
         zeroed = loop(_Stub(), (2, 1, 2, 2), noise=noise, generator=_g(0), denoised_fn=torch.zeros_like, **kw)
         assert plain.abs().min() > 0 and torch.equal(zeroed, torch.zeros_like(zeroed))
     assert capsys.readouterr().err == ""
+    # the progressive DDIM loop is the deterministic ODE unless eta is given
+    *_, last = d.ddim_sample_loop_progressive(_Stub(), (2, 1, 2, 2), noise=noise, generator=_g(7), **kw)
+    assert torch.equal(last["sample"], d.ddim_sample_loop(_Stub(), (2, 1, 2, 2), noise=noise, eta=0.0, **kw))
 
 
 def _approx_cdf64(x: np.ndarray) -> np.ndarray:
