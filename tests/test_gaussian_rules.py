@@ -387,3 +387,38 @@ def test_normal_kl_takes_python_floats_on_either_side(dtype):
         assert got.dtype == dtype  # the floats take the tensors' dtype
         # a sum of five terms of size <= 4 that cancel to the KL: a few ulps of 4 in the dtype
         np.testing.assert_allclose(got.double().numpy(), want, rtol=0, atol=32 * torch.finfo(dtype).eps)
+
+
+def test_process_defaults_and_its_checks():
+    betas = get_named_beta_schedule(COSINE, 10)
+    d = GaussianDiffusion(betas.astype(np.float32))  # float32 betas: the process is still computed in float64
+    assert (d.mean_type, d.var_type, d.loss_type) == ("epsilon", "learned_range", "mse")
+    assert d.alphas_cumprod.dtype == np.float64
+    np.testing.assert_array_equal(d.alphas_cumprod, np.cumprod(1 - betas.astype(np.float32).astype(np.float64)))
+    for bad in ({"mean_type": "noise"}, {"var_type": "learned"}, {"loss_type": "l1"}):
+        with pytest.raises(AssertionError):
+            GaussianDiffusion(betas, **bad)
+    # p_mean_variance clips x0 by default
+    x, t = torch.randn(2, 1, 2, 2) * 3, torch.tensor([9, 9])
+    big = _const_model(torch.cat([torch.randn(2, 1, 2, 2) * 3, torch.zeros(2, 1, 2, 2)], dim=1))
+    assert d.p_mean_variance(big, x, t)["pred_xstart"].abs().max() <= 1.0
+    assert d.p_mean_variance(big, x, t, clip_denoised=False)["pred_xstart"].abs().max() > 1.0
+
+
+def test_loops_draw_x_T_from_the_generator_take_plain_functions_and_tuple_outputs(capsys):
+    d = create_diffusion("4", noise_schedule=COSINE, diffusion_steps=20)
+    stub = _Stub()
+
+    def function_model(x, t, y):  # a plain function (no parameters to take a device from), returning a tuple
+        return stub(x, t, y), "extra"
+
+    kw = {"model_kwargs": {"y": torch.tensor([0, 2])}}
+    for loop in (d.p_sample_loop, d.ddim_sample_loop):
+        g = _g(3)
+        noise = torch.randn(2, 1, 2, 2, generator=g)  # x_T first, then the steps' noise, from one generator
+        want = loop(_Stub(), (2, 1, 2, 2), noise=noise, generator=g, **kw)
+        torch.manual_seed(0)
+        assert torch.equal(loop(function_model, (2, 1, 2, 2), generator=_g(3), **kw), want)
+        shown = loop(_Stub(), (2, 1, 2, 2), generator=_g(3), progress=True, **kw)  # a progress bar changes nothing
+        assert torch.equal(shown, want) and capsys.readouterr().err != ""
+        assert loop(_Stub(), (2, 1, 2, 2), **kw).shape == (2, 1, 2, 2)  # no noise, no generator: the global RNG
