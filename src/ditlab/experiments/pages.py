@@ -380,8 +380,9 @@ def write_index(summaries: list[dict], out: Path, profile: Profile) -> Path:
              "Each claim of the research notes run as an experiment (`ditlab reproduce`), with the verdict from "
              "the statistics: **reproduces** (every stated comparison holds at 95% confidence), **contradicts** "
              "(a comparison goes significantly the other way), **inconclusive** (the intervals cannot tell), "
-             "**pending** (arms still running), **not run** (no arm started yet). *Arms at chance*: image arms whose samples are not recognised "
-             "above chance class accuracy at the end of the budget (still early in training).", "",
+             "**pending** (arms still running), **not run** (no arm started yet). *Arms at chance*: image arms "
+             "whose samples are not recognised above chance class accuracy at the end of the budget (still early "
+             "in training).", "",
              "Totals: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".", "",
              "| finding | claim | measurement (effect [95% CI], positive = as claimed) | seeds | budget | arms at chance | verdict |",
              "|---|---|---|---|---|---|---|"]

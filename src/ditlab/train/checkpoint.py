@@ -28,9 +28,10 @@ from ditlab.io import fsync_dir, write_atomic, write_bytes_synced
 from ditlab.runs import CHECKPOINTS, LATEST, latest_checkpoint, step_dir_name
 
 
-def _checkpoint_steps(run_dir: str | Path) -> list[int]:
+def _checkpoint_steps(ckpt_dir: Path) -> list[int]:
+    """The steps of the step directories in RUN/checkpoints, in order (other names ignored)."""
     steps = []
-    for d in (Path(run_dir) / CHECKPOINTS).glob("step_*"):
+    for d in ckpt_dir.glob("step_*"):
         if d.is_dir() and d.name[5:].isdigit():
             steps.append(int(d.name[5:]))
     return sorted(steps)
@@ -42,7 +43,7 @@ def last_good(run_dir: str | Path, step: int) -> str:
     A checkpoint before `step` is good: its weights went on to give a finite loss. The one at
     `step` (if saved) holds the very weights that gave the non-finite loss, so it is not named good.
     """
-    steps = _checkpoint_steps(run_dir)
+    steps = _checkpoint_steps(Path(run_dir) / CHECKPOINTS)
     good = [s for s in steps if s < step]
     text = f"last good checkpoint: {Path(run_dir) / CHECKPOINTS / step_dir_name(good[-1]) if good else 'none'}"
     if step in steps:
@@ -131,6 +132,6 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
         return  # 0 = keep everything
     pointer = ckpt_dir / LATEST
     keep = pointer.read_text().strip() if pointer.is_file() else None
-    for step in _checkpoint_steps(ckpt_dir.parent)[:-keep_last]:
-        if step_dir_name(step) != keep:
-            shutil.rmtree(ckpt_dir / step_dir_name(step), ignore_errors=True)
+    for name in map(step_dir_name, _checkpoint_steps(ckpt_dir)[:-keep_last]):
+        if name != keep:
+            shutil.rmtree(ckpt_dir / name, ignore_errors=True)
