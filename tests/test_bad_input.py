@@ -113,3 +113,17 @@ def test_bad_input_is_one_line_and_changes_nothing(places, argv, message, capsys
     assert message in err, err
     assert snapshot(places["RUN"]) == before
     assert sorted(p.name for p in places["RUN"].parent.iterdir()) == root_before  # no output, no folder
+
+
+def test_a_closed_output_pipe_ends_quietly(tmp_path):
+    """`ditlab reproduce --plan | head -1`: the reader leaves early; no traceback, a non-zero exit."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "ditlab.cli", "reproduce", "--profile", "smoke", "--plan",
+                             "--out", str(tmp_path / "suite")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away while the plan is still being printed
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1
+    assert first.startswith(b"ditlab reproduce") and err.count("\n") <= 1 and "Traceback" not in err, err
