@@ -4,6 +4,7 @@
     nice -n 10 python tools/mutation.py objectives/flow.py          # one module
     nice -n 10 python tools/mutation.py --all                       # every module in MODULES
     python tools/mutation.py objectives/flow.py --report             # the last run's counts and survivors
+    python tools/mutation.py objectives/flow.py --only '*ǁsample__mutmut_1*'   # some mutants (fnmatch on mutmut's names)
 
 Each module is mutated in a scratch copy of the repository (src/, tests/, benchmarks/,
 pyproject.toml) under $DITLAB_MUTATION_DIR (default /tmp/ditlab-mutation/<module>), never in the
@@ -59,6 +60,14 @@ MODULES: dict[str, tuple[list[str], str | None]] = {
                                "not training_then_sampling and not test_dit and not seeded_initialisation and not global_rng"),
     "train/checkpoint.py": (["tests/test_checkpoint.py", "tests/test_reliability.py"],
                             "not locked and not holder and not signal and not progress and not sample_writes"),
+    "eval/metrics.py": (["tests/test_eval_metrics.py", "tests/test_eval_wiring.py", "tests/test_eval_command.py"], None),
+    # tests that start other processes (locks, signals, gloo ranks) would import the unmutated package
+    "train/trainer.py": (["tests/test_train.py", "tests/test_train_schedules.py", "tests/test_train_validation.py",
+                          "tests/test_train_compute.py", "tests/test_reliability.py", "tests/test_lm_train.py"],
+                         "not locked and not holder and not signal and not sigterm and not gloo"),
+    **{module: (["tests/test_dit.py", "tests/test_dit_ablations.py", "tests/test_dit_variants.py",
+                 "tests/test_official_fixtures.py", "tests/test_layout_compat.py"], None)
+       for module in ("models/dit.py", "models/layers.py")},
 }
 
 # Lines not mutated (regular expressions, searched in each line).
@@ -147,10 +156,10 @@ def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
-def run(module: str, fresh: bool, children: int) -> None:
+def run(module: str, fresh: bool, children: int, only: list[str]) -> None:
     work = prepare(module, fresh)
     print(f"== {module}: mutmut run in {work}", flush=True)
-    subprocess.run(["mutmut", "run", "--max-children", str(children)], cwd=work, env=env(),
+    subprocess.run(["mutmut", "run", "--max-children", str(children), *only], cwd=work, env=env(),
                    stdout=open(work / "mutmut-run.log", "w"), stderr=subprocess.STDOUT, check=False)
     report(module)
 
@@ -176,13 +185,15 @@ def main() -> int:
     p.add_argument("--report", action="store_true", help="only print the last run's results")
     p.add_argument("--fresh", action="store_true", help="discard the scratch copy and mutmut's saved results")
     p.add_argument("--children", type=int, default=1, help="parallel mutant runs (default 1: a shared machine)")
+    p.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                   help="run only the mutants whose names match (fnmatch; repeatable), e.g. an earlier run's survivors")
     args = p.parse_args()
     modules = list(MODULES) if args.all else args.modules
     unknown = [m for m in modules if m not in MODULES]
     if unknown or not modules:
         p.error(f"choose modules from {', '.join(MODULES)} (unknown: {', '.join(unknown) or 'none given'})")
     for module in modules:
-        report(module) if args.report else run(module, args.fresh, args.children)
+        report(module) if args.report else run(module, args.fresh, args.children, args.only)
     return 0
 
 

@@ -101,7 +101,7 @@ def inception_features(model, images: np.ndarray, batch_size: int = 50, progress
     images = as_uint8_images(images)
     model = model.to(device)
     out: dict[str, list[np.ndarray]] = {}
-    for i in _progress(range(0, len(images), batch_size), progress, "inception"):
+    for i in _progress(range(0, len(images), batch_size), progress, desc="inception"):
         x = torch.from_numpy(images[i : i + batch_size]).to(device).permute(0, 3, 1, 2).float() / 255.0
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)

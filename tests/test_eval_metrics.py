@@ -1,0 +1,129 @@
+"""eval/metrics.py called directly: what the Inception network is given, and which metric
+needs which reference, against values computed here from the images themselves.
+
+The stand-in network returns per-channel means (pool3), the first pixel (spatial) and fixed
+logits, so the expected features of any uint8 image set are a numpy one-liner; a grey image must
+reach it as three equal channels in [0, 1], in batches that do not change any value.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ditlab.errors import DitlabError
+from ditlab.eval import fid as F
+from ditlab.eval.metrics import inception_features, inception_metrics
+
+U32 = float(np.finfo(np.float32).eps)
+
+
+class ChannelMeans(nn.Module):
+    """Inception stand-in: pool3 = per-channel mean, spatial = first pixel, logits from pool3."""
+
+    def __init__(self, with_logits: bool = True):
+        super().__init__()
+        self.with_logits = with_logits
+        self.seen: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        assert x.dtype == torch.float32 and x.shape[1] == 3, (x.dtype, x.shape)
+        self.seen.append(tuple(x.shape))
+        out = {"pool3": x.mean((2, 3)), "spatial": x[:, :, 0, 0]}
+        if self.with_logits:
+            out["logits"] = torch.cat([x.mean((2, 3)) * 10, torch.zeros(len(x), 1005)], dim=1)
+        return out
+
+
+def images(n: int, channels: int, seed: int = 0, size: int = 6, darkest: int = 0) -> np.ndarray:
+    """Random images, each with its own brightness (so that per-image means spread out)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(darkest, 200, (n, 1, 1, channels))
+    return (base + rng.integers(0, 56, (n, size, size, channels))).astype(np.uint8)
+
+
+def test_features_are_those_of_the_images_in_0_1_in_any_batching(capsys):
+    rgb = images(7, 3)
+    model = ChannelMeans()
+    feats = inception_features(model, rgb)  # defaults: CPU, batches of 50, no progress bar
+    assert capsys.readouterr().err == ""
+    np.testing.assert_allclose(feats["pool3"], rgb.mean((1, 2)) / 255.0, rtol=4 * U32)
+    np.testing.assert_allclose(feats["spatial"], rgb[:, 0, 0, :] / 255.0, rtol=U32)
+    assert model.seen == [(7, 3, 6, 6)]
+    model.seen.clear()
+    small = inception_features(model, rgb, batch_size=3, progress=True, device="cpu")
+    assert model.seen == [(3, 3, 6, 6), (3, 3, 6, 6), (1, 3, 6, 6)]  # every image once, in order
+    assert "inception" in capsys.readouterr().err  # the progress bar, labelled
+    for name in feats:
+        np.testing.assert_array_equal(small[name], feats[name])
+
+
+def test_grey_images_reach_the_network_as_three_equal_channels():
+    grey = images(5, 1, seed=1)
+    feats = inception_features(ChannelMeans(), grey)
+    same = inception_features(ChannelMeans(), np.repeat(grey, 3, axis=-1))
+    for name in feats:  # equal up to the order of the float32 sums over a broadcast view
+        np.testing.assert_allclose(feats[name], same[name], rtol=4 * U32)
+    np.testing.assert_allclose(feats["pool3"][:, 1], grey[..., 0].mean((1, 2)) / 255.0, rtol=4 * U32)
+
+
+def _features(seed: int, n: int = 40) -> dict[str, np.ndarray]:
+    return inception_features(ChannelMeans(), images(n, 3, seed=seed))
+
+
+def test_each_metric_against_the_fid_module_on_the_reference_it_needs():
+    samples = _features(0)
+    ref_images = images(50, 3, seed=1, darkest=40)
+    ref_feats = inception_features(ChannelMeans(), ref_images)
+    mu, sigma = F.feature_stats(ref_feats["pool3"])
+    stats = {"mu": mu, "sigma": sigma}
+    by_images = inception_metrics(samples, ["fid", "sfid", "pr", "is"], ChannelMeans(), {"arr_0": ref_images})
+    assert by_images["fid"] == pytest.approx(F.frechet_distance(*F.feature_stats(samples["pool3"]),
+                                                                 *F.feature_stats(ref_feats["pool3"])), rel=1e-12)
+    assert by_images["sfid"] == pytest.approx(F.frechet_distance(*F.feature_stats(samples["spatial"]),
+                                                                  *F.feature_stats(ref_feats["spatial"])), rel=1e-12)
+    assert (by_images["precision"], by_images["recall"]) == F.precision_recall(ref_feats["pool3"], samples["pool3"], k=3)
+    assert (by_images["is"], by_images["is_std"]) == F.inception_score(samples["logits"])
+    assert by_images["fid"] > 0 and by_images["sfid"] > 0 and by_images["fid"] != by_images["sfid"]
+    # Saved statistics give the same FID; their own mu/sigma are used, not the images'.
+    assert inception_metrics(samples, ["fid"], ChannelMeans(), stats)["fid"] == pytest.approx(by_images["fid"], rel=1e-9)
+    moved = {**stats, "mu": stats["mu"] + 1.0}  # each of the 3 means 1 further from the samples' (all < 1)
+    assert inception_metrics(samples, ["fid"], ChannelMeans(), moved)["fid"] > by_images["fid"] + 3
+    # The Inception Score needs no reference at all; no metric of this suite gives {}.
+    assert set(inception_metrics(samples, ["is"], ChannelMeans(), None)) == {"is", "is_std"}
+    assert inception_metrics(samples, ["class_acc"], ChannelMeans(), None) == {}
+
+
+def test_k_of_precision_recall_is_passed_on_and_defaults_to_3():
+    samples, ref = _features(2, n=12), images(12, 3, seed=3)
+    ref_pool3 = inception_features(ChannelMeans(), ref)["pool3"]
+    got = {k: inception_metrics(samples, ["pr"], ChannelMeans(), {"arr_0": ref}, k=k) for k in (1, 3)}
+    for k in (1, 3):
+        assert (got[k]["precision"], got[k]["recall"]) == F.precision_recall(ref_pool3, samples["pool3"], k=k)
+    assert got[1] != got[3]  # so that the default below is told apart
+    assert inception_metrics(samples, ["pr"], ChannelMeans(), {"arr_0": ref}) == got[3]
+
+
+@pytest.mark.parametrize("metrics, ref, message", [
+    (["fid"], None, "fid need reference"),
+    (["is", "sfid"], None, "sfid need reference"),
+    (["pr"], "stats", "precision/recall needs reference images"),
+    (["sfid"], "stats", "sFID needs mu_s/sigma_s"),
+])
+def test_a_metric_without_the_reference_it_needs_is_refused(metrics, ref, message):
+    samples = _features(4)
+    if ref == "stats":
+        ref = {"mu": samples["pool3"].mean(0), "sigma": np.cov(samples["pool3"], rowvar=False)}
+    with pytest.raises(DitlabError, match=message):
+        inception_metrics(samples, metrics, ChannelMeans(), ref)
+
+
+def test_the_inception_score_needs_the_classifier_logits():
+    samples = inception_features(ChannelMeans(with_logits=False), images(8, 3))
+    assert "logits" not in samples
+    with pytest.raises(DitlabError, match="1008-way classifier"):
+        inception_metrics(samples, ["is"], ChannelMeans(with_logits=False), None)
+    # FID alone does not need them
+    assert inception_metrics(samples, ["fid"], ChannelMeans(with_logits=False), {"arr_0": images(8, 3, seed=9)})["fid"] > 0
