@@ -127,3 +127,110 @@ def test_the_inception_score_needs_the_classifier_logits():
         inception_metrics(samples, ["is"], ChannelMeans(with_logits=False), None)
     # FID alone does not need them
     assert inception_metrics(samples, ["fid"], ChannelMeans(with_logits=False), {"arr_0": images(8, 3, seed=9)})["fid"] > 0
+
+
+# ---- the classifier suite (MNIST / Fashion-MNIST evaluator), with the network replaced -------------
+
+
+def pixel_outputs(model, images, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluator stand-in: features (mean, pixel 0, pixel 1) in float64; class = pixel 0 mod 10."""
+    x = np.asarray(images).reshape(len(images), -1).astype(np.float64)
+    feats = torch.as_tensor(np.stack([x.mean(1), x[:, 0], x[:, 1]], axis=1))
+    logits = torch.nn.functional.one_hot(torch.as_tensor(x[:, 0].astype(np.int64) % 10), 10).double()
+    return logits, feats
+
+
+def grey(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 28, 28, 1)).astype(np.uint8)
+
+
+@pytest.fixture
+def evaluator(monkeypatch):
+    """Splits of 60 test and 80 training images; counts how often each split is read."""
+    import ditlab.eval.metrics as M
+
+    splits = {"test": grey(60, 100)[..., 0], "train": grey(80, 101)[..., 0]}
+    reads = {"test": 0, "train": 0}
+
+    def load_split(root, split):
+        reads[split] += 1
+        return splits[split], np.zeros(len(splits[split]), np.int64)
+
+    monkeypatch.setattr(M, "_TEST_FEATURES", {})
+    monkeypatch.setattr(M, "load_classifier", lambda dataset, path=None: nn.Identity())
+    monkeypatch.setattr(M, "classifier_outputs", pixel_outputs)
+    monkeypatch.setattr(M, "load_split", load_split)
+    return M, splits, reads
+
+
+def test_classifier_metrics_against_the_fid_module(evaluator, tmp_path):
+    M, splits, _ = evaluator
+    samples = grey(20, 0)
+    labels = samples[:, 0, 0, 0].astype(np.int64) % 10
+    labels[:5] = (labels[:5] + 1) % 10  # 5 of 20 carry a class they are not classified as
+    test_feats = pixel_outputs(None, splits["test"])[1]
+    feats = pixel_outputs(None, samples)[1]
+    m, floor = M.classifier_metrics(samples, labels, ["class_acc", "counts", "cls_fid", "cls_pr"], "mnist",
+                                    data_dir=tmp_path, seed=7)
+    assert m["class_acc"] == 0.75
+    assert [m[f"count_{c}"] for c in range(10)] == np.bincount(samples[:, 0, 0, 0] % 10, minlength=10).tolist()
+    assert m["cls_fid"] == F.fid_from_features(feats, test_feats)
+    sub = np.random.default_rng(8).permutation(60)[:20]  # as many test features as samples, drawn with seed + 1
+    assert (m["cls_precision"], m["cls_recall"]) == F.precision_recall(test_feats[sub], feats, k=3)
+    real = pixel_outputs(None, splits["train"][np.random.default_rng(7).choice(80, size=20, replace=False)])[1]
+    assert floor["cls_fid"] == F.fid_from_features(real, test_feats)
+    assert (floor["cls_precision"], floor["cls_recall"]) == F.precision_recall(test_feats[sub], real, k=3)
+    assert floor["cls_fid"] != m["cls_fid"]
+
+
+def test_classifier_options_reach_the_metrics(evaluator, tmp_path):
+    M, splits, _ = evaluator
+    samples = grey(20, 1)
+    test_feats = pixel_outputs(None, splits["test"])[1]
+    feats = pixel_outputs(None, samples)[1]
+    base, _ = M.classifier_metrics(samples, None, ["cls_fid", "cls_pr"], "mnist", data_dir=tmp_path)
+    first10, _ = M.classifier_metrics(samples, None, ["cls_fid"], "mnist", data_dir=tmp_path, max_ref=10)
+    assert first10["cls_fid"] == F.fid_from_features(feats, test_feats[:10]) != base["cls_fid"]
+    sub = np.random.default_rng(1).permutation(60)[:20]  # default seed 0, + 1
+    assert (base["cls_precision"], base["cls_recall"]) == F.precision_recall(test_feats[sub], feats, k=3)
+    k1, no_floor = M.classifier_metrics(samples, None, ["cls_pr"], "mnist", data_dir=tmp_path, k=1, with_floor=False)
+    assert (k1["cls_precision"], k1["cls_recall"]) == F.precision_recall(test_feats[sub], feats, k=1)
+    assert no_floor == {}
+    other_seed = M.classifier_metrics(samples, None, ["cls_fid"], "mnist", data_dir=tmp_path, seed=3)[1]
+    assert other_seed["cls_fid"] != M.classifier_metrics(samples, None, ["cls_fid"], "mnist", data_dir=tmp_path)[1]["cls_fid"]
+    # Inception metrics are not this suite's: nothing computed, nothing read
+    assert M.classifier_metrics(samples, None, ["fid", "is"], "mnist", data_dir=tmp_path) == ({}, {})
+
+
+def test_test_set_features_are_computed_once_per_reference(evaluator, tmp_path):
+    M, _, reads = evaluator
+    samples = grey(10, 2)
+    for _ in range(2):
+        M.classifier_metrics(samples, None, ["cls_fid"], "mnist", data_dir=tmp_path, with_floor=False)
+    assert reads == {"test": 1, "train": 0}
+    M.classifier_metrics(samples, None, ["cls_fid"], "mnist", data_dir=tmp_path, with_floor=False, max_ref=30)
+    assert reads["test"] == 2  # another reference
+    for _ in range(2):  # a caller's own network: its features are not the cached ones
+        M.classifier_metrics(samples, None, ["cls_fid"], "mnist", data_dir=tmp_path, model=nn.Identity(), with_floor=False)
+    assert reads["test"] == 4
+
+
+@pytest.mark.parametrize("images, labels, metrics, message", [
+    (grey(4, 0)[:, :14], None, ["counts"], "28x28 greyscale"),
+    (grey(3, 0), None, ["cls_fid"], "at least 4 samples"),
+    (grey(3, 0), None, ["cls_pr"], "at least 4 samples"),
+    (grey(4, 0), None, ["class_acc"], "needs a class label"),
+    (grey(4, 0), np.array([1, 2, -1, 3]), ["class_acc"], "needs a class label"),
+    (grey(4, 0), np.array([1, 2, 10, 3]), ["counts"], "must lie in [0, 10)"),
+])
+def test_classifier_input_errors(evaluator, tmp_path, images, labels, metrics, message):
+    M, _, _ = evaluator
+    with pytest.raises(DitlabError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        M.classifier_metrics(images, labels, metrics, "mnist", data_dir=tmp_path)
+
+
+def test_four_samples_are_enough_for_k_3(evaluator, tmp_path):
+    M, splits, _ = evaluator
+    samples = grey(4, 5)
+    m, _ = M.classifier_metrics(samples, None, ["cls_fid"], "mnist", data_dir=tmp_path)
+    assert m["cls_fid"] == F.fid_from_features(pixel_outputs(None, samples)[1], pixel_outputs(None, splits["test"])[1])
