@@ -213,6 +213,9 @@ def test_killed_reproduce_resumes_without_retraining_finished_units(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "1 to run" in done.stdout and f"[{key_b}] resuming" in done.stdout and f"[{key_a}] training" not in done.stdout
     assert (out / "units" / f"{key_a}.json").read_bytes() == record_a
+    # scored units keep only their final checkpoint
+    final = step_dir_name(json.loads((out / "units" / f"{key_b}.json").read_text())["steps"])
+    assert sorted(p.name for p in (out / "runs" / key_b / "checkpoints").iterdir()) == ["latest", final]
     # exact resume: the same metrics as an uninterrupted run of unit b
     fresh = tmp_path / "fresh"
     subprocess.run([*base, "--out", str(fresh), "--unit", key_b, "--no-report"], check=True, capture_output=True)

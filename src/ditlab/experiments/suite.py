@@ -58,6 +58,7 @@ from ditlab.experiments.specs import METRICS, SAMPLERS, Finding, Profile, arm_co
 from ditlab.io import save_grid, write_atomic
 from ditlab.runs import Run, latest_checkpoint, load_run, lock_run_dir, release_run_dir, step_dir_name
 from ditlab.sampling import generate
+from ditlab.train.checkpoint import prune
 from ditlab.train.tokenizer import fit_tokenizer, load_images
 from ditlab.train.trainer import Trainer
 
@@ -474,8 +475,8 @@ def run_unit(unit: Unit, out: Path, scorer_for: Callable[[Config], SampleScorer 
             + (" (memory on | reset): " if "reset" in spans[0] else ": ")
             + ", ".join(f"{r['memory']:.3f}" + (f" | {r['reset']:.3f}" if "reset" in r else "") for r in spans)
             + f" ({time.time() - t0:.0f} s)")
-    # Scored: keep only the final checkpoint (a longer budget or new sampling setting starts from it).
-    for step_dir in (run_dir / "checkpoints").glob("step_*"):
-        if step_dir.name != step_dir_name(final) and not needs_work(unit, record):
-            shutil.rmtree(step_dir, ignore_errors=True)
+    if not needs_work(unit, record):
+        # Scored: keep only the newest checkpoint, the final one (a longer budget or a new sampling
+        # setting starts from it).
+        prune(run_dir / "checkpoints", keep_last=1)
     return record
