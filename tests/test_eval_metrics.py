@@ -8,6 +8,8 @@ reach it as three equal channels in [0, 1], in batches that do not change any va
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -104,6 +106,36 @@ def test_k_of_precision_recall_is_passed_on_and_defaults_to_3():
         assert (got[k]["precision"], got[k]["recall"]) == F.precision_recall(ref_pool3, samples["pool3"], k=k)
     assert got[1] != got[3]  # so that the default below is told apart
     assert inception_metrics(samples, ["pr"], ChannelMeans(), {"arr_0": ref}) == got[3]
+
+
+@pytest.mark.parametrize("metrics, keys, embedded", [
+    (["fid"], ("arr_0", "mu", "sigma", "mu_s", "sigma_s"), False),
+    (["fid", "sfid", "is"], ("arr_0", "mu", "sigma", "mu_s", "sigma_s"), False),
+    (["pr"], ("arr_0", "mu", "sigma", "mu_s", "sigma_s"), True),  # k-NN needs the features themselves
+    (["sfid"], ("arr_0", "mu", "sigma"), True),
+    (["fid"], ("arr_0", "mu_s", "sigma_s"), True),
+    (["fid"], ("arr_0",), True),
+])
+def test_reference_images_are_embedded_only_when_a_metric_needs_them(metrics, keys, embedded, capsys):
+    """Embedding 50,000 reference images costs as much as the samples: statistics are used when given."""
+    samples = _features(0)
+    ref_images = images(30, 3, seed=1, darkest=40)
+    ref_feats = inception_features(ChannelMeans(), ref_images)
+    full = dict(zip(("mu", "sigma"), F.feature_stats(ref_feats["pool3"])))
+    full.update(zip(("mu_s", "sigma_s"), F.feature_stats(ref_feats["spatial"])))
+    full["arr_0"] = ref_images
+    model = ChannelMeans()
+    got = inception_metrics(samples, metrics, model, {k: full[k] for k in keys})
+    assert bool(model.seen) == embedded
+    assert capsys.readouterr().err == ""  # no progress bar unless asked
+    expected = inception_metrics(samples, metrics, ChannelMeans(), {"arr_0": ref_images})
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_the_reference_embedding_shows_progress_when_asked(capsys):
+    model = ChannelMeans()
+    inception_metrics(_features(0), ["pr"], model, {"arr_0": images(30, 3, seed=1)}, batch_size=7, progress=True)
+    assert "inception" in capsys.readouterr().err and len(model.seen) == 5  # batches of 7: 4 full and 2 images
 
 
 @pytest.mark.parametrize("metrics, ref, message", [
@@ -234,3 +266,48 @@ def test_four_samples_are_enough_for_k_3(evaluator, tmp_path):
     samples = grey(4, 5)
     m, _ = M.classifier_metrics(samples, None, ["cls_fid"], "mnist", data_dir=tmp_path)
     assert m["cls_fid"] == F.fid_from_features(pixel_outputs(None, samples)[1], pixel_outputs(None, splits["test"])[1])
+
+
+# ---- sample files -----------------------------------------------------------------------------------
+
+
+def _npz(tmp_path, labels=None, arr=None) -> Path:
+    path = tmp_path / "s.npz"
+    arrays = {"arr_0": grey(4, 0) if arr is None else arr}
+    if labels is not None:
+        arrays["labels"] = labels
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("labels", [
+    np.array([0, 3, -1, 9]),  # -1: no class
+    np.array([0.0, 3.0, -1.0, 9.0], np.float32),  # whole numbers stored as floats
+    np.array([[0], [3], [-1], [9]]),  # a column
+])
+def test_sample_labels_are_read_as_int64_class_indices(tmp_path, labels):
+    from ditlab.eval.metrics import load_samples
+
+    images, got = load_samples(_npz(tmp_path, labels))
+    assert got.dtype == np.int64 and got.tolist() == [0, 3, -1, 9] and images.shape == (4, 28, 28, 1)
+
+
+@pytest.mark.parametrize("labels, message", [
+    (np.array([0.0, 2.5, 1.0, 1.0]), "whole class indices"),
+    (np.array([0.0, np.inf, 1.0, 1.0]), "whole class indices"),
+    (np.array(["0", "1", "2", "3"]), "whole class indices"),
+    (np.array([0, -2, 1, 1]), "class indices >= 0"),
+    (np.array([0, 1, 2]), "4 images but 3 labels"),
+])
+def test_sample_labels_that_are_no_class_indices_are_refused(tmp_path, labels, message):
+    from ditlab.eval.metrics import load_samples
+
+    with pytest.raises(DitlabError, match=message):
+        load_samples(_npz(tmp_path, labels))
+
+
+def test_a_bad_sample_array_is_named_in_the_error(tmp_path):
+    from ditlab.eval.metrics import load_samples
+
+    with pytest.raises(DitlabError, match="s.npz arr_0 contain NaN"):
+        load_samples(_npz(tmp_path, arr=np.full((2, 28, 28, 1), np.nan, np.float32)))
