@@ -189,7 +189,11 @@ def evaluator(monkeypatch):
         return splits[split], np.zeros(len(splits[split]), np.int64)
 
     monkeypatch.setattr(M, "_TEST_FEATURES", {})
-    monkeypatch.setattr(M, "load_classifier", lambda dataset, path=None: nn.Identity())
+    def load_classifier(dataset, path=None):
+        reads.setdefault("classifier", []).append((dataset, path))
+        return nn.Identity()
+
+    monkeypatch.setattr(M, "load_classifier", load_classifier)
     monkeypatch.setattr(M, "classifier_outputs", pixel_outputs)
     monkeypatch.setattr(M, "load_split", load_split)
     return M, splits, reads
@@ -239,12 +243,28 @@ def test_test_set_features_are_computed_once_per_reference(evaluator, tmp_path):
     samples = grey(10, 2)
     for _ in range(2):
         M.classifier_metrics(samples, None, ["cls_fid"], "mnist", data_dir=tmp_path, with_floor=False)
-    assert reads == {"test": 1, "train": 0}
+    assert (reads["test"], reads["train"]) == (1, 0)
     M.classifier_metrics(samples, None, ["cls_fid"], "mnist", data_dir=tmp_path, with_floor=False, max_ref=30)
     assert reads["test"] == 2  # another reference
     for _ in range(2):  # a caller's own network: its features are not the cached ones
         M.classifier_metrics(samples, None, ["cls_fid"], "mnist", data_dir=tmp_path, model=nn.Identity(), with_floor=False)
     assert reads["test"] == 4
+
+
+def test_the_evaluator_network_is_the_one_given_or_the_one_named(evaluator, tmp_path):
+    M, _, reads = evaluator
+    M.classifier_metrics(grey(4, 0), None, ["counts"], "fashion-mnist", classifier_path="my.pt")
+    assert reads["classifier"] == [("fashion-mnist", "my.pt")]
+    M.classifier_metrics(grey(4, 0), None, ["counts"], "mnist", model=nn.Identity())
+    assert reads["classifier"] == [("fashion-mnist", "my.pt")]  # a given network is not loaded again
+
+
+def test_k_sets_the_smallest_sample_count(evaluator, tmp_path):
+    M, _, _ = evaluator
+    m, _ = M.classifier_metrics(grey(2, 0), None, ["cls_pr"], "mnist", data_dir=tmp_path, k=1, with_floor=False)
+    assert set(m) == {"cls_precision", "cls_recall"}  # two samples: a covariance and a 1-NN radius
+    with pytest.raises(DitlabError, match="at least 2 samples"):
+        M.classifier_metrics(grey(1, 0), None, ["cls_pr"], "mnist", data_dir=tmp_path, k=1)
 
 
 @pytest.mark.parametrize("images, labels, metrics, message", [
