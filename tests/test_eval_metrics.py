@@ -167,9 +167,18 @@ def test_the_inception_score_needs_the_classifier_logits():
 def pixel_outputs(model, images, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     """Evaluator stand-in: features (mean, pixel 0, pixel 1) in float64; class = pixel 0 mod 10."""
     x = np.asarray(images).reshape(len(images), -1).astype(np.float64)
-    feats = torch.as_tensor(np.stack([x.mean(1), x[:, 0], x[:, 1]], axis=1))
+    scale = getattr(model, "scale", 1.0)  # a caller's own network (see ScaledNet)
+    feats = torch.as_tensor(np.stack([x.mean(1), x[:, 0], x[:, 1]], axis=1) * scale)
     logits = torch.nn.functional.one_hot(torch.as_tensor(x[:, 0].astype(np.int64) % 10), 10).double()
     return logits, feats
+
+
+class ScaledNet(nn.Identity):
+    """A network passed in by the caller; its features are pixel_outputs' times `scale`."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
 
 
 def grey(n: int, seed: int) -> np.ndarray:
@@ -229,9 +238,12 @@ def test_classifier_options_reach_the_metrics(evaluator, tmp_path):
     assert first10["cls_fid"] == F.fid_from_features(feats, test_feats[:10]) != base["cls_fid"]
     sub = np.random.default_rng(1).permutation(60)[:20]  # default seed 0, + 1
     assert (base["cls_precision"], base["cls_recall"]) == F.precision_recall(test_feats[sub], feats, k=3)
-    k1, no_floor = M.classifier_metrics(samples, None, ["cls_pr"], "mnist", data_dir=tmp_path, k=1, with_floor=False)
+    k1, k1_floor = M.classifier_metrics(samples, None, ["cls_pr"], "mnist", data_dir=tmp_path, k=1)
     assert (k1["cls_precision"], k1["cls_recall"]) == F.precision_recall(test_feats[sub], feats, k=1)
-    assert no_floor == {}
+    real = pixel_outputs(None, splits["train"][np.random.default_rng(0).choice(80, size=20, replace=False)])[1]
+    assert (k1_floor["cls_precision"], k1_floor["cls_recall"]) == F.precision_recall(test_feats[sub], real, k=1)
+    assert k1_floor != M.classifier_metrics(samples, None, ["cls_pr"], "mnist", data_dir=tmp_path)[1]
+    assert M.classifier_metrics(samples, None, ["cls_pr"], "mnist", data_dir=tmp_path, with_floor=False)[1] == {}
     other_seed = M.classifier_metrics(samples, None, ["cls_fid"], "mnist", data_dir=tmp_path, seed=3)[1]
     assert other_seed["cls_fid"] != M.classifier_metrics(samples, None, ["cls_fid"], "mnist", data_dir=tmp_path)[1]["cls_fid"]
     # Inception metrics are not this suite's: nothing computed, nothing read
@@ -247,8 +259,27 @@ def test_test_set_features_are_computed_once_per_reference(evaluator, tmp_path):
     M.classifier_metrics(samples, None, ["cls_fid"], "mnist", data_dir=tmp_path, with_floor=False, max_ref=30)
     assert reads["test"] == 2  # another reference
     for _ in range(2):  # a caller's own network: its features are not the cached ones
-        M.classifier_metrics(samples, None, ["cls_fid"], "mnist", data_dir=tmp_path, model=nn.Identity(), with_floor=False)
+        M.classifier_metrics(samples, None, ["cls_fid"], "mnist", data_dir=tmp_path, model=ScaledNet(2.0), with_floor=False)
     assert reads["test"] == 4
+    # ... nor left in the cache for the shipped network
+    shipped = M.classifier_metrics(samples, None, ["cls_fid"], "mnist", data_dir=tmp_path, with_floor=False)[0]
+    assert shipped["cls_fid"] == F.fid_from_features(pixel_outputs(None, samples)[1],
+                                                     pixel_outputs(None, evaluator[1]["test"])[1])
+    # another data folder or weights file is another reference
+    (tmp_path / "other").mkdir()
+    M.classifier_metrics(samples, None, ["cls_fid"], "mnist", data_dir=tmp_path / "other", with_floor=False)
+    M.classifier_metrics(samples, None, ["cls_fid"], "mnist", data_dir=tmp_path, classifier_path="b.pt", with_floor=False)
+    assert reads["test"] == 7
+
+
+def test_the_data_folder_defaults_to_the_datasets(evaluator, tmp_path, monkeypatch):
+    M, _, reads = evaluator
+    asked = []
+    monkeypatch.setattr(M, "default_data_dir", lambda dataset: asked.append(dataset) or tmp_path)
+    M.classifier_metrics(grey(4, 0), None, ["cls_fid"], "fashion-mnist", with_floor=False)
+    assert asked == ["fashion-mnist"]
+    M.classifier_metrics(grey(4, 0), None, ["cls_fid"], "mnist", data_dir=tmp_path / "x", with_floor=False)
+    assert asked == ["fashion-mnist"]  # a given folder is used as it is
 
 
 def test_the_evaluator_network_is_the_one_given_or_the_one_named(evaluator, tmp_path):
@@ -331,3 +362,41 @@ def test_a_bad_sample_array_is_named_in_the_error(tmp_path):
 
     with pytest.raises(DitlabError, match="s.npz arr_0 contain NaN"):
         load_samples(_npz(tmp_path, arr=np.full((2, 28, 28, 1), np.nan, np.float32)))
+
+
+def test_float_images_map_to_uint8_as_the_official_sampler_does():
+    from ditlab.eval.metrics import as_uint8_images
+
+    x = np.array([-1.0, -0.5, 0.0, 0.5, 0.999, 1.0, -1.0005, 1.0005], np.float32).reshape(1, 2, 4)
+    got = as_uint8_images(x)  # [N, H, W] grey gets its channel
+    assert got.shape == (1, 2, 4, 1) and got.dtype == np.uint8
+    # clamp(127.5 x + 128, 0, 255) then truncation: DiT's sample_ddp.py
+    assert got.reshape(-1).tolist() == [0, 64, 128, 191, 255, 255, 0, 255]
+    rgb = np.full((2, 3, 3, 3), -0.25, np.float64)
+    assert (as_uint8_images(rgb) == 96).all()
+    plain = np.arange(8, dtype=np.uint8).reshape(2, 2, 2, 1)
+    assert as_uint8_images(plain) is plain
+
+
+@pytest.mark.parametrize("images, message", [
+    (np.zeros((2, 4, 4, 2), np.uint8), "must be \\[N, H, W, 1 or 3\\]"),
+    (np.zeros((2, 4, 4, 1, 1), np.uint8), "must be \\[N, H, W, 1 or 3\\]"),
+    (np.zeros((2, 4, 4, 1), np.int32), "uint8 or float"),
+    (np.full((1, 2, 2, 1), -1.002), "must lie in \\[-1, 1\\]"),
+    (np.full((1, 2, 2, 1), 1.002), "must lie in \\[-1, 1\\]"),
+    (np.array([0.0, 0.5, 1.0, 0.2]).reshape(1, 2, 2, 1), "looks like \\[0, 1\\]"),
+    (np.array([0.2, 0.5, 0.9, 0.3]).reshape(1, 2, 2, 1), "looks like \\[0, 1\\]"),
+])
+def test_images_that_are_not_samples_are_refused(images, message):
+    from ditlab.eval.metrics import as_uint8_images
+
+    with pytest.raises(DitlabError, match=message):
+        as_uint8_images(images)
+
+
+def test_labels_below_minus_one_are_refused():
+    from ditlab.eval.metrics import check_labels
+
+    check_labels(np.array([-1, 0, 9]), 10)
+    with pytest.raises(DitlabError, match="got -2"):
+        check_labels(np.array([0, -2]), 10)
