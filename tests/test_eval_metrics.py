@@ -266,9 +266,11 @@ def test_test_set_features_are_computed_once_per_reference(evaluator, tmp_path):
     assert shipped["cls_fid"] == F.fid_from_features(pixel_outputs(None, samples)[1],
                                                      pixel_outputs(None, evaluator[1]["test"])[1])
     # another data folder or weights file is another reference
-    (tmp_path / "other").mkdir()
-    M.classifier_metrics(samples, None, ["cls_fid"], "mnist", data_dir=tmp_path / "other", with_floor=False)
     M.classifier_metrics(samples, None, ["cls_fid"], "mnist", data_dir=tmp_path, classifier_path="b.pt", with_floor=False)
+    assert reads["test"] == 6
+    (tmp_path / "other").mkdir()
+    M.classifier_metrics(samples, None, ["cls_fid"], "mnist", data_dir=tmp_path / "other", classifier_path="b.pt",
+                         with_floor=False)
     assert reads["test"] == 7
 
 
@@ -372,6 +374,8 @@ def test_float_images_map_to_uint8_as_the_official_sampler_does():
     assert got.shape == (1, 2, 4, 1) and got.dtype == np.uint8
     # clamp(127.5 x + 128, 0, 255) then truncation: DiT's sample_ddp.py
     assert got.reshape(-1).tolist() == [0, 64, 128, 191, 255, 255, 0, 255]
+    # the tolerance itself is inside the range (float64, so that -1.001 is the bound exactly)
+    assert as_uint8_images(np.array([-1.001, 1.001, 0.0, 0.0]).reshape(1, 2, 2, 1)).reshape(-1).tolist() == [0, 255, 128, 128]
     rgb = np.full((2, 3, 3, 3), -0.25, np.float64)
     assert (as_uint8_images(rgb) == 96).all()
     plain = np.arange(8, dtype=np.uint8).reshape(2, 2, 2, 1)
