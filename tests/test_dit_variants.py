@@ -244,3 +244,48 @@ def test_incompatible_combinations_through_the_cli(tmp_path, capsys, overrides, 
     code = main(["train", f"train.out_dir={tmp_path / 'run'}", "train.steps=1", *overrides])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_every_model_option_of_the_config_reaches_the_dit():
+    """dit_from_config against the constructor called directly with the same values (none a default)."""
+    options = dict(mlp_ratio=2.0, class_dropout_prob=0.3, class_encoding="onehot_mlp", pos_embed="rope",
+                   rope_base=64.0, norm="dyt", qk_norm=True, token_dim=8, grad_checkpointing=True)
+    cfg = ModelConfig(name="DiT-S/4", input_size=8, in_channels=2, patch_size=2, hidden_size=32, depth=2,
+                      num_heads=2, num_classes=4, **options)
+    torch.manual_seed(0)
+    built = dit_from_config(cfg, learn_sigma=False, step_size_cond=True)
+    torch.manual_seed(0)
+    direct = DiT(**TINY, learn_sigma=False, step_size_cond=True, **options)
+    assert built.grad_checkpointing and built.y_embedder.dropout_prob == 0.3
+    sd, ref = built.state_dict(), direct.state_dict()
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in sd)
+    # RoPE's base has no parameter: it shows in the outputs, once the zero-initialised gates are not zero
+    ref = _perturbed(ref)
+    built.load_state_dict(ref), direct.load_state_dict(ref)
+    x, t, y, dt = torch.randn(2, 2, 8, 8), torch.tensor([3.0, 7.0]), torch.tensor([1, 2]), torch.tensor([0.5, 0.25])
+    built.eval(), direct.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(built(x, t, y, dt=dt), direct(x, t, y, dt=dt), rtol=0, atol=0)
+        other_base = DiT(**TINY, learn_sigma=False, step_size_cond=True, **{**options, "rope_base": 10000.0})
+        other_base.load_state_dict(ref)
+        assert not torch.equal(other_base.eval()(x, t, y, dt=dt), direct(x, t, y, dt=dt))
+
+
+def _perturbed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights moved off the adaLN-Zero initialisation (zero gates and output), so that every input matters."""
+    g = torch.Generator().manual_seed(1)
+    return {k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def test_guided_forward_passes_the_step_size_on():
+    torch.manual_seed(0)
+    model = DiT(**TINY, learn_sigma=False, step_size_cond=True).eval()
+    model.load_state_dict(_perturbed(model.state_dict()))
+    x, t, y = torch.randn(4, 2, 8, 8), torch.tensor([3.0, 7.0, 3.0, 7.0]), torch.tensor([1, 2, 4, 4])
+    dt = torch.tensor([0.5, 0.25, 0.5, 0.25])
+    with torch.no_grad():
+        guided = model.forward_with_cfg(x, t, y, 3.0, dt=dt)
+        out = model(torch.cat([x[:2], x[:2]]), t, y, dt=dt)
+        expected = out[2:] + 3.0 * (out[:2] - out[2:])
+        torch.testing.assert_close(guided, torch.cat([expected, expected]), rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(guided, model.forward_with_cfg(x, t, y, 3.0, dt=dt / 4))
