@@ -289,3 +289,29 @@ def test_guided_forward_passes_the_step_size_on():
         expected = out[2:] + 3.0 * (out[:2] - out[2:])
         torch.testing.assert_close(guided, torch.cat([expected, expected]), rtol=1e-6, atol=1e-6)
         assert not torch.allclose(guided, model.forward_with_cfg(x, t, y, 3.0, dt=dt / 4))
+
+
+@pytest.mark.parametrize("conditioning", ["adaln_zero", "cross_attn", "in_context"])
+def test_blocks_are_pre_norm_residuals_that_use_the_rope_they_are_given(conditioning):
+    """Each block against its own sub-layers composed by hand (DiT paper Fig. 3; pre-norm residuals)."""
+    from ditlab.models.dit import DiTBlock
+    from ditlab.models.layers import modulate
+
+    torch.manual_seed(0)
+    blk = DiTBlock(32, 2, conditioning=conditioning)
+    blk.load_state_dict(_perturbed(blk.state_dict()))
+    rope = RoPE(16, (4, 4))
+    x = torch.randn(2, 16, 32)
+    c = {"adaln_zero": torch.randn(2, 32), "cross_attn": torch.randn(2, 2, 32), "in_context": None}[conditioning]
+    with torch.no_grad():
+        if conditioning == "adaln_zero":
+            shift1, scale1, gate1, shift2, scale2, gate2 = blk.adaLN_modulation(c).chunk(6, dim=1)
+            h = x + gate1[:, None] * blk.attn(modulate(blk.norm1(x), shift1, scale1), rope)
+            expected = h + gate2[:, None] * blk.mlp(modulate(blk.norm2(h), shift2, scale2))
+        else:
+            h = x + blk.attn(blk.norm1(x), rope)
+            if conditioning == "cross_attn":
+                h = h + blk.cross_attn(blk.norm_cross(h), c)
+            expected = h + blk.mlp(blk.norm2(h))
+        torch.testing.assert_close(blk(x, c, rope), expected, rtol=0, atol=0)
+        assert (blk(x, c, None) - expected).abs().max() > 1e-3  # the rotation matters
