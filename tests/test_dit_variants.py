@@ -315,3 +315,57 @@ def test_blocks_are_pre_norm_residuals_that_use_the_rope_they_are_given(conditio
             expected = h + blk.mlp(blk.norm2(h))
         torch.testing.assert_close(blk(x, c, rope), expected, rtol=0, atol=0)
         assert (blk(x, c, None) - expected).abs().max() > 1e-3  # the rotation matters
+
+
+def _first_block_inputs(model: DiT, *args, **kwargs) -> tuple:
+    seen = []
+    handle = model.blocks[0].register_forward_pre_hook(lambda module, inputs: seen.append(inputs))
+    with torch.no_grad():
+        model(*args, **kwargs)
+    handle.remove()
+    return seen[0]
+
+
+def test_what_the_blocks_receive_for_each_conditioning():
+    x, t, y = torch.randn(3, 2, 8, 8), torch.tensor([3.0, 7.0, 9.0]), torch.tensor([1, 2, 0])
+    torch.manual_seed(0)
+    model = DiT(**TINY, conditioning="cross_attn").eval()
+    model.load_state_dict(_perturbed(model.state_dict()))
+    tokens, context, _ = _first_block_inputs(model, x, t, y)
+    with torch.no_grad():  # the conditioning vectors as tokens, [B, M, D] (B = 3, M = 2)
+        expected = torch.stack([model.t_embedder(t), model.y_embedder(y, False)], dim=1)
+    torch.testing.assert_close(context, expected, rtol=0, atol=0)
+    # one-hot tokens: the label's bias added to every patch token, after the positions
+    torch.manual_seed(0)
+    model = DiT(**TINY, class_encoding="onehot_tokens").eval()
+    model.load_state_dict(_perturbed(model.state_dict()))
+    tokens, _, _ = _first_block_inputs(model, x, t, y)
+    with torch.no_grad():
+        expected = model.x_embedder(x) + model.pos_embed + model.y_embedder.token_bias(y)[:, None]
+    torch.testing.assert_close(tokens, expected, rtol=0, atol=0)
+
+
+def test_onehot_tokens_drop_the_label_in_training():
+    torch.manual_seed(0)
+    model = DiT(**{**TINY, "class_dropout_prob": 1.0}, class_encoding="onehot_tokens")
+    model.load_state_dict(_perturbed(model.state_dict()))
+    x, t, y = torch.randn(2, 2, 8, 8), torch.tensor([3.0, 7.0]), torch.tensor([1, 2])
+    null = torch.full_like(y, TINY["num_classes"])
+    with torch.no_grad():
+        dropped = model.train()(x, t, y)  # every label dropped: the null class, in the tokens too
+        torch.testing.assert_close(dropped, model.eval()(x, t, null), rtol=0, atol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_values_and_gradients_with_rope():
+    torch.manual_seed(0)
+    kw = dict(**{**TINY, "class_dropout_prob": 0.0}, pos_embed="rope")
+    plain, checkpointed = DiT(**kw), DiT(**kw, grad_checkpointing=True)
+    state = _perturbed(plain.state_dict())
+    plain.load_state_dict(state), checkpointed.load_state_dict(state)
+    x, t, y = torch.randn(2, 2, 8, 8), torch.tensor([3.0, 7.0]), torch.tensor([1, 2])
+    outs = [m.train()(x, t, y) for m in (plain, checkpointed)]
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    for out in outs:
+        out.square().mean().backward()
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)  # the same kernels, recomputed
