@@ -369,3 +369,17 @@ def test_gradient_checkpointing_gives_the_same_values_and_gradients_with_rope():
         out.square().mean().backward()
     for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)  # the same kernels, recomputed
+
+
+@pytest.mark.parametrize("conditioning", ["adaln_zero", "adaln", "cross_attn", "in_context"])
+def test_norms_carry_their_own_affine_exactly_when_nothing_modulates_them(conditioning):
+    """adaLN's shift and scale replace the norms' affine (official: elementwise_affine=False); the
+    cross-attention and in-context blocks of the DiT paper use standard affine LayerNorms."""
+    model = DiT(**TINY, conditioning=conditioning, qk_norm=True)
+    affine = conditioning in ("cross_attn", "in_context")
+    block = model.blocks[0]
+    norms = [block.norm1, block.norm2, model.final_layer.norm_final]
+    assert [n.weight is not None and n.bias is not None for n in norms] == [affine] * 3
+    if conditioning == "cross_attn":
+        assert block.norm_cross.weight is not None and block.norm_cross.bias is not None
+        assert hasattr(block.cross_attn, "q_norm") and hasattr(block.cross_attn, "k_norm")  # qk_norm reaches it
