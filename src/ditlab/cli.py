@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     try:
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, in the handler below, not at interpreter exit
+        return code
     except DitlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
