@@ -10,8 +10,8 @@ from ditlab.cli import main
 from ditlab.config import ModelConfig
 from ditlab.errors import DitlabError
 from ditlab.models.convert import _official_keys
-from ditlab.models.dit import DiT, dit_from_config
-from ditlab.models.layers import RoPE
+from ditlab.models.dit import DiT, DiTBlock, dit_from_config
+from ditlab.models.layers import RoPE, modulate
 
 TINY = dict(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=2, num_heads=2, num_classes=4)
 
@@ -246,12 +246,22 @@ def test_incompatible_combinations_through_the_cli(tmp_path, capsys, overrides, 
     assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
+def off_init(module: torch.nn.Module) -> torch.nn.Module:
+    """The module with its weights moved off the adaLN-Zero initialisation (zero gates and output
+    layer, under which attention does not reach the outputs), so that every input matters."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for v in module.state_dict().values():  # views of the parameters and buffers
+            if v.is_floating_point():
+                v.add_(0.1 * torch.randn(v.shape, generator=g))
+    return module
+
+
 def test_every_model_option_of_the_config_reaches_the_dit():
     """dit_from_config against the constructor called directly with the same values (none a default)."""
     options = dict(mlp_ratio=2.0, class_dropout_prob=0.3, class_encoding="onehot_mlp", pos_embed="rope",
                    rope_base=64.0, norm="dyt", qk_norm=True, token_dim=8, grad_checkpointing=True)
-    cfg = ModelConfig(name="DiT-S/4", input_size=8, in_channels=2, patch_size=2, hidden_size=32, depth=2,
-                      num_heads=2, num_classes=4, **options)
+    cfg = ModelConfig(name="DiT-S/4", **TINY, **options)
     torch.manual_seed(0)
     built = dit_from_config(cfg, learn_sigma=False, step_size_cond=True)
     torch.manual_seed(0)
@@ -260,8 +270,8 @@ def test_every_model_option_of_the_config_reaches_the_dit():
     sd, ref = built.state_dict(), direct.state_dict()
     assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in sd)
     # RoPE's base has no parameter: it shows in the outputs, once the zero-initialised gates are not zero
-    ref = _perturbed(ref)
-    built.load_state_dict(ref), direct.load_state_dict(ref)
+    ref = off_init(direct).state_dict()
+    built.load_state_dict(ref)
     x, t, y, dt = torch.randn(2, 2, 8, 8), torch.tensor([3.0, 7.0]), torch.tensor([1, 2]), torch.tensor([0.5, 0.25])
     built.eval(), direct.eval()
     with torch.no_grad():
@@ -271,16 +281,9 @@ def test_every_model_option_of_the_config_reaches_the_dit():
         assert not torch.equal(other_base.eval()(x, t, y, dt=dt), direct(x, t, y, dt=dt))
 
 
-def _perturbed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Weights moved off the adaLN-Zero initialisation (zero gates and output), so that every input matters."""
-    g = torch.Generator().manual_seed(1)
-    return {k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in state.items()}
-
-
 def test_guided_forward_passes_the_step_size_on():
     torch.manual_seed(0)
-    model = DiT(**TINY, learn_sigma=False, step_size_cond=True).eval()
-    model.load_state_dict(_perturbed(model.state_dict()))
+    model = off_init(DiT(**TINY, learn_sigma=False, step_size_cond=True)).eval()
     x, t, y = torch.randn(4, 2, 8, 8), torch.tensor([3.0, 7.0, 3.0, 7.0]), torch.tensor([1, 2, 4, 4])
     dt = torch.tensor([0.5, 0.25, 0.5, 0.25])
     with torch.no_grad():
@@ -294,12 +297,8 @@ def test_guided_forward_passes_the_step_size_on():
 @pytest.mark.parametrize("conditioning", ["adaln_zero", "cross_attn", "in_context"])
 def test_blocks_are_pre_norm_residuals_that_use_the_rope_they_are_given(conditioning):
     """Each block against its own sub-layers composed by hand (DiT paper Fig. 3; pre-norm residuals)."""
-    from ditlab.models.dit import DiTBlock
-    from ditlab.models.layers import modulate
-
     torch.manual_seed(0)
-    blk = DiTBlock(32, 2, conditioning=conditioning)
-    blk.load_state_dict(_perturbed(blk.state_dict()))
+    blk = off_init(DiTBlock(32, 2, conditioning=conditioning))
     rope = RoPE(16, (4, 4))
     x = torch.randn(2, 16, 32)
     c = {"adaln_zero": torch.randn(2, 32), "cross_attn": torch.randn(2, 2, 32), "in_context": None}[conditioning]
@@ -329,16 +328,14 @@ def _first_block_inputs(model: DiT, *args, **kwargs) -> tuple:
 def test_what_the_blocks_receive_for_each_conditioning():
     x, t, y = torch.randn(3, 2, 8, 8), torch.tensor([3.0, 7.0, 9.0]), torch.tensor([1, 2, 0])
     torch.manual_seed(0)
-    model = DiT(**TINY, conditioning="cross_attn").eval()
-    model.load_state_dict(_perturbed(model.state_dict()))
+    model = off_init(DiT(**TINY, conditioning="cross_attn")).eval()
     tokens, context, _ = _first_block_inputs(model, x, t, y)
     with torch.no_grad():  # the conditioning vectors as tokens, [B, M, D] (B = 3, M = 2)
         expected = torch.stack([model.t_embedder(t), model.y_embedder(y, False)], dim=1)
     torch.testing.assert_close(context, expected, rtol=0, atol=0)
     # one-hot tokens: the label's bias added to every patch token, after the positions
     torch.manual_seed(0)
-    model = DiT(**TINY, class_encoding="onehot_tokens").eval()
-    model.load_state_dict(_perturbed(model.state_dict()))
+    model = off_init(DiT(**TINY, class_encoding="onehot_tokens")).eval()
     tokens, _, _ = _first_block_inputs(model, x, t, y)
     with torch.no_grad():
         expected = model.x_embedder(x) + model.pos_embed + model.y_embedder.token_bias(y)[:, None]
@@ -347,8 +344,7 @@ def test_what_the_blocks_receive_for_each_conditioning():
 
 def test_onehot_tokens_drop_the_label_in_training():
     torch.manual_seed(0)
-    model = DiT(**{**TINY, "class_dropout_prob": 1.0}, class_encoding="onehot_tokens")
-    model.load_state_dict(_perturbed(model.state_dict()))
+    model = off_init(DiT(**{**TINY, "class_dropout_prob": 1.0}, class_encoding="onehot_tokens"))
     x, t, y = torch.randn(2, 2, 8, 8), torch.tensor([3.0, 7.0]), torch.tensor([1, 2])
     null = torch.full_like(y, TINY["num_classes"])
     with torch.no_grad():
@@ -359,9 +355,8 @@ def test_onehot_tokens_drop_the_label_in_training():
 def test_gradient_checkpointing_gives_the_same_values_and_gradients_with_rope():
     torch.manual_seed(0)
     kw = dict(**{**TINY, "class_dropout_prob": 0.0}, pos_embed="rope")
-    plain, checkpointed = DiT(**kw), DiT(**kw, grad_checkpointing=True)
-    state = _perturbed(plain.state_dict())
-    plain.load_state_dict(state), checkpointed.load_state_dict(state)
+    plain, checkpointed = off_init(DiT(**kw)), DiT(**kw, grad_checkpointing=True)
+    checkpointed.load_state_dict(plain.state_dict())
     x, t, y = torch.randn(2, 2, 8, 8), torch.tensor([3.0, 7.0]), torch.tensor([1, 2])
     outs = [m.train()(x, t, y) for m in (plain, checkpointed)]
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)

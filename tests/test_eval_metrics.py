@@ -17,7 +17,7 @@ from torch import nn
 
 from ditlab.errors import DitlabError
 from ditlab.eval import fid as F
-from ditlab.eval.metrics import inception_features, inception_metrics
+from ditlab.eval.metrics import as_uint8_images, check_labels, inception_features, inception_metrics, load_samples
 
 U32 = float(np.finfo(np.float32).eps)
 
@@ -339,8 +339,6 @@ def _npz(tmp_path, labels=None, arr=None) -> Path:
     np.array([[0], [3], [-1], [9]]),  # a column
 ])
 def test_sample_labels_are_read_as_int64_class_indices(tmp_path, labels):
-    from ditlab.eval.metrics import load_samples
-
     images, got = load_samples(_npz(tmp_path, labels))
     assert got.dtype == np.int64 and got.tolist() == [0, 3, -1, 9] and images.shape == (4, 28, 28, 1)
 
@@ -353,22 +351,16 @@ def test_sample_labels_are_read_as_int64_class_indices(tmp_path, labels):
     (np.array([0, 1, 2]), "4 images but 3 labels"),
 ])
 def test_sample_labels_that_are_no_class_indices_are_refused(tmp_path, labels, message):
-    from ditlab.eval.metrics import load_samples
-
     with pytest.raises(DitlabError, match=message):
         load_samples(_npz(tmp_path, labels))
 
 
 def test_a_bad_sample_array_is_named_in_the_error(tmp_path):
-    from ditlab.eval.metrics import load_samples
-
     with pytest.raises(DitlabError, match="s.npz arr_0 contain NaN"):
         load_samples(_npz(tmp_path, arr=np.full((2, 28, 28, 1), np.nan, np.float32)))
 
 
 def test_float_images_map_to_uint8_as_the_official_sampler_does():
-    from ditlab.eval.metrics import as_uint8_images
-
     x = np.array([-1.0, -0.5, 0.0, 0.5, 0.999, 1.0, -1.0005, 1.0005], np.float32).reshape(1, 2, 4)
     got = as_uint8_images(x)  # [N, H, W] grey gets its channel
     assert got.shape == (1, 2, 4, 1) and got.dtype == np.uint8
@@ -392,15 +384,11 @@ def test_float_images_map_to_uint8_as_the_official_sampler_does():
     (np.array([0.2, 0.5, 0.9, 0.3]).reshape(1, 2, 2, 1), "looks like \\[0, 1\\]"),
 ])
 def test_images_that_are_not_samples_are_refused(images, message):
-    from ditlab.eval.metrics import as_uint8_images
-
     with pytest.raises(DitlabError, match=message):
         as_uint8_images(images)
 
 
 def test_labels_below_minus_one_are_refused():
-    from ditlab.eval.metrics import check_labels
-
     check_labels(np.array([-1, 0, 9]), 10)
     with pytest.raises(DitlabError, match="got -2"):
         check_labels(np.array([0, -2]), 10)
