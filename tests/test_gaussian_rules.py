@@ -14,7 +14,7 @@ from ditlab.config import load_config
 from ditlab.errors import DitlabError
 from ditlab.objectives import build_objective
 from ditlab.objectives.gaussian import (GaussianDiffusion, GaussianObjective, LossSecondMomentResampler, create_diffusion,
-                                        get_named_beta_schedule)
+                                        discretized_gaussian_log_likelihood, get_named_beta_schedule, normal_kl)
 
 
 COSINE = "squaredcos_cap_v2"  # the linear schedule needs more than 20 steps
@@ -355,8 +355,6 @@ def _approx_cdf64(x: np.ndarray) -> np.ndarray:
 
 
 def test_discretized_log_likelihood_edges_and_interior_bins():
-    from ditlab.objectives.gaussian import discretized_gaussian_log_likelihood
-
     x = torch.tensor([-1.0, -1.0, 0.2, 1.0, 1.0])
     means = torch.tensor([-0.95, 0.3, 0.25, 0.9, -0.2])
     log_scales = torch.log(torch.tensor([0.05, 0.5, 0.1, 0.05, 0.5]))
@@ -371,8 +369,6 @@ def test_discretized_log_likelihood_edges_and_interior_bins():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_normal_kl_takes_python_floats_on_either_side(dtype):
-    from ditlab.objectives.gaussian import normal_kl
-
     m1, lv1 = torch.tensor([0.3, -1.2], dtype=dtype), torch.tensor([0.2, -0.7], dtype=dtype)
 
     def closed(m1, lv1, m2, lv2):
