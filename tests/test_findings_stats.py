@@ -68,6 +68,52 @@ def test_the_interval_covers_the_truth_95_percent_of_the_time():
     assert abs(hits / reps - 0.95) < 4 * se  # Welch's interval is near-exact for normal data
 
 
+def test_arms_sampled_from_the_same_models_are_compared_paired():
+    # three trained models (FID 20, 30, 40), each sampled two ways: B is worse by 1-1.5 in every model
+    models = ["m0", "m1", "m2"]
+    a, b = [20.0, 30.0, 40.0], [21.0, 31.5, 40.9]
+    e = effect(arm_stats(a, models=models), arm_stats(b, models=models), higher_is_better=False, names=("A", "B"))
+    d = np.subtract(b, a)  # lower is better: positive means A is better
+    half = stats.t.ppf(0.975, 2) * math.sqrt(np.var(d, ddof=1) / 3)
+    assert (e.estimate, e.low, e.high, e.df) == pytest.approx((d.mean(), d.mean() - half, d.mean() + half, 2.0))
+    assert judge_better(e) == "reproduces"
+    # the same numbers as independent arms: the models' spread hides the difference
+    welch = effect(arm_stats(a), arm_stats(b), higher_is_better=False, names=("A", "B"))
+    assert judge_better(welch) == "inconclusive" and welch.df > 2
+    # other models, no models named, or a single model: not paired
+    assert effect(arm_stats(a, models=models), arm_stats(b, models=["n0", "n1", "n2"]), higher_is_better=False,
+                  names=("A", "B")) == welch
+    assert effect(arm_stats(a, models=models), arm_stats(b), higher_is_better=False, names=("A", "B")) == welch
+    one = effect(arm_stats([20.0], [0.04], ["m0"]), arm_stats([21.0], [0.01], ["m0"]), higher_is_better=False)
+    assert one.df == math.inf and one.high - one.estimate == pytest.approx(stats.norm.ppf(0.975) * math.sqrt(0.05))
+
+
+def test_a_paired_difference_is_floored_by_the_least_sampling_variance_it_can_have():
+    # the same difference in every model: no spread, so the floor (sd_A - sd_B)^2 = (0.2 - 0.1)^2 sets the interval
+    models = ["m0", "m1", "m2"]
+    a = arm_stats([20.0, 30.0, 40.0], [0.04] * 3, models)
+    b = arm_stats([21.0, 31.0, 41.0], [0.01] * 3, models)
+    e = effect(a, b, higher_is_better=False)
+    assert e.estimate == pytest.approx(1.0)
+    assert e.high - e.estimate == pytest.approx(stats.t.ppf(0.975, 2) * math.sqrt(0.01 / 3))
+    # equal sampling variances allow a difference measured exactly
+    exact = effect(arm_stats([20.0, 30.0], [0.04] * 2, models[:2]), arm_stats([21.0, 31.0], [0.04] * 2, models[:2]),
+                   higher_is_better=False)
+    assert (exact.low, exact.high, exact.df) == (1.0, 1.0, math.inf)
+
+
+def test_the_paired_interval_covers_the_truth_95_percent_of_the_time():
+    rng = np.random.default_rng(2)
+    reps, hits = 2000, 0
+    for _ in range(reps):
+        model = rng.normal(0.0, 5.0, 3)  # each model's quality, shared by both ways of sampling it
+        a, b = model + rng.normal(0.5, 0.3, 3), model + rng.normal(0.0, 0.3, 3)
+        e = effect(arm_stats(a, models=["x", "y", "z"]), arm_stats(b, models=["x", "y", "z"]), higher_is_better=True)
+        hits += e.low <= 0.5 <= e.high
+    se = math.sqrt(0.95 * 0.05 / reps)
+    assert abs(hits / reps - 0.95) < 4 * se  # the paired t-interval is exact for normal differences
+
+
 def test_an_arms_interval_for_the_plots():
     # several seeds: the t quantile with n - 1 degrees of freedom on the standard error of the mean
     values = [10.0, 12.0, 17.0]
@@ -180,6 +226,10 @@ def test_bad_input_is_one_line():
         arm_stats([0.5])
     with pytest.raises(DitlabError, match="finite"):
         arm_stats([0.5, float("nan")])
+    with pytest.raises(DitlabError, match="2 seeds got 3 models"):
+        arm_stats([0.5, 0.6], models=["a", "b", "c"])
+    with pytest.raises(DitlabError, match="2 seeds got 1 sampling variances"):
+        arm_stats([0.5, 0.6], [0.01])
     good = arms(A=[1.0, 2.0], B=[1.0, 2.0])
     with pytest.raises(DitlabError, match="unknown claim"):
         verdict("worse", good, ["A", "B"], higher_is_better=True)

@@ -368,12 +368,15 @@ def test_language_model_findings_run_end_to_end(tmp_path):
     assert json.loads(record_path.read_text())["memory_use"] == use
 
 
-def _synthetic_arms(values: dict[str, list[float]], steps: int = 10) -> dict:
-    """pages' per-arm structure with FIDs at the end of training (sampling variance 0.01)."""
+def _synthetic_arms(values: dict[str, list[float]], steps: int = 10, models: dict[str, str] | None = None) -> dict:
+    """pages' per-arm structure with FIDs at the end of training (sampling variance 0.01); each arm
+    trains its own units unless `models` names another arm whose units it samples."""
     from types import SimpleNamespace
 
     unit = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(steps=steps)))
-    return {arm: {"unit": unit, "seeds": {i: {"points": {steps: {"fid": v, "fid_var": 0.01}}} for i, v in enumerate(vals)}}
+    models = models or {}
+    return {arm: {"unit": unit, "seeds": {i: {"points": {steps: {"fid": v, "fid_var": 0.01}}, "unit": f"{models.get(arm, arm)}-{i}"}
+                                          for i, v in enumerate(vals)}}
             for arm, vals in values.items()}
 
 
@@ -397,6 +400,12 @@ def test_a_finding_verdict_from_its_expectations():
     # an arm without its result keeps the finding pending
     del close["one"]["seeds"][2]["points"][10]
     assert judge(eq, profiles["smoke"], close)[0] == "pending"
+    # two ways of sampling the same three models are compared seed by seed
+    steps = Finding("x", "t", "c", "s", "dit", {}, [better("s8", "s2")])
+    values = {"s8": [20.0, 30.0, 40.0], "s2": [21.0, 31.5, 40.9]}
+    assert judge(steps, profiles["smoke"], _synthetic_arms(values))[0] == "inconclusive"
+    (part,) = judge(steps, profiles["smoke"], _synthetic_arms(values, models={"s2": "s8"}))[1]
+    assert part["verdict"] == "reproduces" and part["effects"][0]["df"] == 2.0
 
 
 def test_arms_at_chance_accuracy_are_flagged_from_their_interval():

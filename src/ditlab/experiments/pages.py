@@ -3,9 +3,10 @@ and `REPORT.md` over all of them, assembled from the units' results files (see `
 
 Each expectation of a finding becomes a verdict from the statistics (`stats`): per arm the
 per-seed values at the stated point of training, the sampling variance of each value as a floor
-under the seed spread, a Welch interval of the difference. A finding reproduces when all its
-expectations do (`verdict: any`: when one reading does), contradicts when one contradicts (`any`:
-when all do), and is otherwise inconclusive; `pending` until every arm has its results.
+under the seed spread, a Welch interval of the difference (paired by seed when both arms sample
+the same trained models). A finding reproduces when all its expectations do (`verdict: any`: when
+one reading does), contradicts when one contradicts (`any`: when all do), and is otherwise
+inconclusive; `pending` until every arm has its results.
 """
 
 from __future__ import annotations
@@ -89,8 +90,8 @@ def judge(finding: Finding, profile: Profile, arms: dict) -> tuple[str, list[dic
             got = _values(arms[arm], e.metric, step)
             if got is None:
                 pending.append(name)
-            else:
-                stats_by_name[name] = arm_stats(*got)
+            else:  # the unit behind each seed: arms sampled from the same models are compared paired
+                stats_by_name[name] = arm_stats(*got, models=[s["unit"] for s in arms[arm]["seeds"].values()])
         result = {"metric": e.metric, "claim": e.claim, "arms": e.arms, "higher_is_better": higher}
         if pending:
             result.update(verdict="pending", pending=pending)
@@ -353,7 +354,7 @@ def write_finding(finding: Finding, profile: Profile, arm_runs: list[ArmRun], un
               f"warm-up {cfg.optim.warmup_steps}, grad clip {cfg.optim.grad_clip}, EMA {cfg.train.ema_decay} (warm-up {cfg.train.ema_warmup}).",
               f"- Evaluation at {', '.join(f'{p:g}' for p in ev['points'])} of the budget, EMA weights: " + _protocol(cfg, ev, reference),
               "- Intervals: per arm the seed spread, floored by each value's sampling variance (binomial for accuracy, "
-              "bootstrap over samples for FID, over windows for bits per byte); differences by Welch t-intervals (`ditlab.experiments.stats`).",
+              "bootstrap over samples for FID, over windows for bits per byte); differences by Welch t-intervals, paired by seed where two arms sample the same trained models (`ditlab.experiments.stats`).",
               f"- Regenerate: `ditlab reproduce {finding.id} --profile {profile.name} --seeds {seeds}`.", ""]
     for fig in figures:
         lines += [f"![{fig}]({fig})", ""]

@@ -11,6 +11,16 @@ seeds. The variance of an arm's mean is therefore
 and the difference of two arms gets a Welch t-interval (Welch-Satterthwaite degrees of freedom;
 with one seed per arm, the normal quantile on the sampling variance alone).
 
+Two arms measured on the same models (one trained model per seed, sampled two ways: steps,
+guidance, or two points of one training run) are paired: the seed-to-seed spread of model
+quality is common to both and cancels in the per-seed differences d_i = A_i - B_i. Their
+difference gets the paired t-interval, n - 1 degrees of freedom, on
+
+    var_mean = max(s_d^2, mean (sqrt(var_A,i) - sqrt(var_B,i))^2) / n
+
+whose floor is the smallest sampling variance a difference of two measurements can have
+(correlation 1); treating such arms as independent would count the model's spread twice.
+
 Claims and verdicts (the effect is oriented so that positive means "A is better"):
 - `better` (A better than B): reproduces when the CI of the effect lies above 0, contradicts when
   it lies below 0 (B is significantly better), inconclusive otherwise. No difference at all is
@@ -47,6 +57,8 @@ class ArmStats:
     var_mean: float  # variance of the mean (seed spread, floored by sampling error)
     n: int  # seeds
     values: list[float]
+    sampling_var: list[float] | None = None  # per seed, in the order of values
+    models: list[str] | None = None  # per seed, the trained model measured: equal lists pair two arms
 
     @property
     def se(self) -> float:
@@ -90,8 +102,10 @@ def binomial_variance(p: float, n: int) -> float:
     return p * (1.0 - p) / n
 
 
-def arm_stats(values: Sequence[float], sampling_var: Sequence[float] | None = None) -> ArmStats:
-    """Mean over seeds and the variance of that mean (see the module docstring)."""
+def arm_stats(values: Sequence[float], sampling_var: Sequence[float] | None = None,
+              models: Sequence[str] | None = None) -> ArmStats:
+    """Mean over seeds and the variance of that mean (see the module docstring). `models` names the
+    trained model behind each value; two arms with the same list are compared paired."""
     v = np.asarray(values, dtype=np.float64)
     if v.size == 0 or not np.all(np.isfinite(v)):
         raise DitlabError(f"an arm needs finite metric values, got {list(values)}")
@@ -100,7 +114,12 @@ def arm_stats(values: Sequence[float], sampling_var: Sequence[float] | None = No
     floor = float(np.mean(sampling_var)) if sampling_var is not None and len(sampling_var) else 0.0
     if n == 1 and floor == 0.0:
         raise DitlabError("one seed and no sampling variance: the uncertainty of this arm is unknown")
-    return ArmStats(float(v.mean()), max(spread, floor) / n, n, [float(x) for x in v])
+    for name, per_seed in (("sampling variances", sampling_var), ("models", models)):
+        if per_seed is not None and len(per_seed) not in (0, n):
+            raise DitlabError(f"an arm of {n} seeds got {len(per_seed)} {name}")
+    return ArmStats(float(v.mean()), max(spread, floor) / n, n, [float(x) for x in v],
+                    [float(x) for x in sampling_var] if sampling_var is not None and len(sampling_var) else None,
+                    list(models) if models is not None else None)
 
 
 def mean_interval(values: Sequence[float], sampling_var: Sequence[float] | None = None,
@@ -111,10 +130,18 @@ def mean_interval(values: Sequence[float], sampling_var: Sequence[float] | None 
     return s.mean, float(q * s.se)
 
 
+def paired(a: ArmStats, b: ArmStats) -> bool:
+    """Whether A and B were measured on the same trained models, seed by seed (and more than one)."""
+    return a.models is not None and a.models == b.models and a.n > 1
+
+
 def effect(a: ArmStats, b: ArmStats, *, higher_is_better: bool, names: tuple[str, str] = ("A", "B"),
            confidence: float = 0.95) -> Effect:
-    """Welch interval of mean(A) - mean(B), sign flipped when lower is better."""
+    """Interval of mean(A) - mean(B), sign flipped when lower is better: paired when A and B share
+    their models, Welch otherwise (see the module docstring)."""
     sign = 1.0 if higher_is_better else -1.0
+    if paired(a, b):
+        return _paired_effect(a, b, sign, names, confidence)
     diff = sign * (a.mean - b.mean)
     var = a.var_mean + b.var_mean
     if var == 0.0:
@@ -127,6 +154,20 @@ def effect(a: ArmStats, b: ArmStats, *, higher_is_better: bool, names: tuple[str
         df = math.inf
         q = float(stats.norm.ppf(0.5 + confidence / 2))
     half = q * math.sqrt(var)
+    return Effect(names[0], names[1], diff, diff - half, diff + half, df, confidence)
+
+
+def _paired_effect(a: ArmStats, b: ArmStats, sign: float, names: tuple[str, str], confidence: float) -> Effect:
+    d = sign * (np.asarray(a.values) - np.asarray(b.values))
+    floor = 0.0
+    if a.sampling_var is not None and b.sampling_var is not None:
+        floor = float(np.mean((np.sqrt(a.sampling_var) - np.sqrt(b.sampling_var)) ** 2))
+    var = max(float(d.var(ddof=1)), floor) / a.n
+    diff = float(d.mean())
+    if var == 0.0:
+        return Effect(names[0], names[1], diff, diff, diff, math.inf, confidence)
+    df = float(a.n - 1)
+    half = float(stats.t.ppf(0.5 + confidence / 2, df)) * math.sqrt(var)
     return Effect(names[0], names[1], diff, diff - half, diff + half, df, confidence)
 
 
