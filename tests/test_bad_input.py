@@ -60,6 +60,9 @@ CASES = [
     (["flops", "DiT-S/2", "--set", "model.depth=0"], "model.depth must be >= 1"),
     (["flops", "DiT-S/2", "--image-size", "100"], "multiple of 8"),
     (["flops", "DiT-S/2", "--json", "FILE/f.json"], "is a file, not a folder"),
+    # scaling
+    (["scaling", "--csv", "CSV", "--json", "FILE/f.json"], "is a file, not a folder"),
+    (["scaling", "--csv", "CSV", "--out", "FILE/f.png"], "is a file, not a folder"),
     # convert
     (["convert", "RUN", "NEW", "--to", "diffusers", "--model", "DiT-XL/2"], "hidden size 1152, but these weights have 32"),
     (["convert", "RUN", "NEW", "--to", "diffusers", "--num-heads", "0"], "--num-heads must be >= 1"),
@@ -88,8 +91,10 @@ def places(tmp_path_factory) -> dict[str, Path]:
     np.savez(root / "l12.npz", arr_0=digits, labels=np.array([0, 1, 12, 3]))
     np.savez(root / "lfloat.npz", arr_0=digits, labels=np.array([0.0, 1.5, 2.0, 3.0]))
     np.savez(root / "good.npz", arr_0=digits, labels=np.arange(4))
+    (root / "runs.csv").write_text("gflops,fid\n1,40\n2,30\n4,22\n")
     return {"RUN": run, "BIN": root / "binary.yaml", "FILE": root / "file", "NEW": root / "new",
-            "F01": root / "f01.npz", "L12": root / "l12.npz", "LFLOAT": root / "lfloat.npz", "GOOD": root / "good.npz"}
+            "F01": root / "f01.npz", "L12": root / "l12.npz", "LFLOAT": root / "lfloat.npz", "GOOD": root / "good.npz",
+            "CSV": root / "runs.csv"}
 
 
 def _fill(arg: str, places: dict[str, Path]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,24 @@ def test_write_atomic_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.setattr(io, "write_bytes_synced", real)
     io.write_atomic(target, b"new contents")
     assert target.read_bytes() == b"new contents" and sorted(p.name for p in tmp_path.iterdir()) == ["index.json"]
+
+
+def test_two_writers_of_one_file_never_share_a_temp_file(tmp_path, monkeypatch):
+    """Another process writes the same file between this one's write and its rename (the workers of
+    one results folder all write suite.json): both writes complete, the later rename wins."""
+    target = tmp_path / "suite.json"
+    real_replace = os.replace
+    calls = []
+
+    def interleaved(src, dst):
+        if not calls:
+            calls.append(src)
+            io.write_atomic(target, b"other process")  # its whole write lands in between
+        real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", interleaved)
+    io.write_atomic(target, b"this process")
+    assert target.read_bytes() == b"this process" and sorted(p.name for p in tmp_path.iterdir()) == ["suite.json"]
 
 
 def test_figures_are_written_whole_and_closed(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -27,15 +28,21 @@ def write_bytes_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def temp_beside(path: Path) -> Path:
+    """A temporary name in `path`'s folder, unique to this call: two processes writing the same file
+    (the workers of one results folder) must not write, rename or delete each other's temp file."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
 def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write `path` whole or not at all: fsync'ed bytes under PATH.tmp, then an atomic rename."""
+    """Write `path` whole or not at all: fsync'ed bytes under a temp name, then an atomic rename."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_beside(path)
     try:
         write_bytes_synced(tmp, data)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk or a kill must not leave PATH.tmp behind
+        tmp.unlink(missing_ok=True)  # a full disk or a kill must not leave the temp file behind
         raise
 
 
@@ -196,7 +203,7 @@ def save_npz(path: str | Path, images: np.ndarray, labels: np.ndarray | list) ->
     if labels.shape != (len(images),):
         raise DitlabError(f"save_npz: {len(images)} images but labels of shape {labels.shape}")
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_beside(path)
     with _writing(path):
         try:
             # Through a file object: np.savez would append ".npz" to a name without it, and the

@@ -22,6 +22,7 @@ import numpy as np
 
 from ditlab.errors import DitlabError
 from ditlab.eval.scaling import MIN_DISTINCT_X, fit_power_law, plot_fits, read_csv
+from ditlab.io import check_writable, save_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
         raise DitlabError("give one of --csv FILE and --suite FOLDER")
     if args.resamples < 1:
         raise DitlabError(f"--resamples must be >= 1, got {args.resamples}")
+    for path in (args.out, args.json):
+        if path:
+            check_writable(path)  # before the fits, not after them
     if args.suite is not None:
         data, fits, x_name, y_name = _suite_fits(args)
     else:
@@ -127,5 +131,5 @@ def run(args: argparse.Namespace) -> int:
         plot_fits(data, fits, args.out, "forward Gflops per image" if args.suite else x_name, y_name)
         print(f"wrote {args.out}")
     if args.json:
-        Path(args.json).write_text(json.dumps({k: asdict(v) for k, v in fits.items()}, indent=2))
+        save_text(args.json, json.dumps({k: asdict(v) for k, v in fits.items()}, indent=2) + "\n")
     return 0

@@ -15,7 +15,7 @@ import torch
 
 from ditlab.codecs.tokenizers import FILE_NAME, TOKENIZER_KINDS, evaluate_psnr, save_tokenizer
 from ditlab.errors import DitlabError
-from ditlab.io import check_writable
+from ditlab.io import check_writable, save_text
 from ditlab.train.tokenizer import fit_tokenizer
 
 
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         save_tokenizer(tok.cpu(), out / FILE_NAME, extra={"data": args.data, "steps": str(args.steps),
                                                          "test_psnr": f"{metrics['test_psnr']:.3f}"})
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        save_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     except OSError as e:
         raise DitlabError(f"cannot write {out}: {e.strerror or e}") from None
     print(f"test PSNR {metrics['test_psnr']:.2f} dB on {len(test)} held-out images "
