@@ -76,7 +76,7 @@ def test_arms_sampled_from_the_same_models_are_compared_paired():
     d = np.subtract(b, a)  # lower is better: positive means A is better
     half = stats.t.ppf(0.975, 2) * math.sqrt(np.var(d, ddof=1) / 3)
     assert (e.estimate, e.low, e.high, e.df) == pytest.approx((d.mean(), d.mean() - half, d.mean() + half, 2.0))
-    assert judge_better(e) == "reproduces"
+    assert (e.a, e.b, e.confidence) == ("A", "B", 0.95) and judge_better(e) == "reproduces"
     # the same numbers as independent arms: the models' spread hides the difference
     welch = effect(arm_stats(a), arm_stats(b), higher_is_better=False, names=("A", "B"))
     assert judge_better(welch) == "inconclusive" and welch.df > 2
@@ -96,10 +96,14 @@ def test_a_paired_difference_is_floored_by_the_least_sampling_variance_it_can_ha
     e = effect(a, b, higher_is_better=False)
     assert e.estimate == pytest.approx(1.0)
     assert e.high - e.estimate == pytest.approx(stats.t.ppf(0.975, 2) * math.sqrt(0.01 / 3))
+    # a side without sampling variances counts as measured exactly: the floor is the other side's variance
+    half_b = arm_stats([21.0, 31.0, 41.0], models=models)
+    assert effect(a, half_b, higher_is_better=False).high - 1.0 == pytest.approx(stats.t.ppf(0.975, 2) * math.sqrt(0.04 / 3))
     # equal sampling variances allow a difference measured exactly
     exact = effect(arm_stats([20.0, 30.0], [0.04] * 2, models[:2]), arm_stats([21.0, 31.0], [0.04] * 2, models[:2]),
-                   higher_is_better=False)
-    assert (exact.low, exact.high, exact.df) == (1.0, 1.0, math.inf)
+                   higher_is_better=False, names=("X", "Y"), confidence=0.9)
+    assert exact.as_dict() == {"a": "X", "b": "Y", "estimate": 1.0, "low": 1.0, "high": 1.0, "df": math.inf,
+                               "confidence": 0.9}
 
 
 def test_the_paired_interval_covers_the_truth_95_percent_of_the_time():

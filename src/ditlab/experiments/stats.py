@@ -159,9 +159,8 @@ def effect(a: ArmStats, b: ArmStats, *, higher_is_better: bool, names: tuple[str
 
 def _paired_effect(a: ArmStats, b: ArmStats, sign: float, names: tuple[str, str], confidence: float) -> Effect:
     d = sign * (np.asarray(a.values) - np.asarray(b.values))
-    floor = 0.0
-    if a.sampling_var is not None and b.sampling_var is not None:
-        floor = float(np.mean((np.sqrt(a.sampling_var) - np.sqrt(b.sampling_var)) ** 2))
+    sd_a, sd_b = (np.sqrt(x.sampling_var or [0.0] * x.n) for x in (a, b))  # none given: measured exactly
+    floor = float(np.mean((sd_a - sd_b) ** 2))
     var = max(float(d.var(ddof=1)), floor) / a.n
     diff = float(d.mean())
     if var == 0.0:
