@@ -68,3 +68,44 @@ def test_two_gloo_processes_match_one(tmp_path, fsdp):
         torchrun(2, [*TINY, f"train.out_dir={multi}", "train.fsdp=true", "train.steps=4", "--resume"])
         assert main(["train", *TINY, f"train.out_dir={single}", "train.grad_accum=2", "train.steps=4", "--resume"]) == 0
         assert_same_weights(single / "checkpoints" / "step_0000004", multi / "checkpoints" / "step_0000004")
+
+
+RANK_SCRIPT = """
+import sys
+import torch
+import torch.distributed as dist
+from ditlab.objectives.flow import FlowObjective
+from ditlab.objectives.gaussian import LossSecondMomentResampler
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+resampler = LossSecondMomentResampler(num_timesteps=4, history=2)
+for step in range(3):  # rank r sees timesteps r and 2: both ranks add to t = 2's history
+    resampler.update(torch.tensor([rank, 2]), torch.tensor([1.0 + 10 * step + rank, 5.0 + 10 * step + rank]))
+flow = FlowObjective(data_std_target=1.0)
+flow._maybe_measure_std(torch.arange(4.0) * (1 + rank))  # rank 0: var 5/3, rank 1: var 20/3
+torch.save({"history": resampler.loss_history, "counts": resampler.loss_counts, "data_std": flow.data_std},
+           f"{sys.argv[1]}/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_share_the_objectives_statistics(tmp_path):
+    """Under torch.distributed every rank records every rank's losses in the importance sampler
+    (rank 0's first) and scales the data by one std, the mean of the ranks' variances."""
+    from ditlab.objectives.gaussian import LossSecondMomentResampler
+
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    one = LossSecondMomentResampler(num_timesteps=4, history=2)
+    for step in range(3):
+        for rank in (0, 1):
+            one.update(torch.tensor([rank, 2]), torch.tensor([1.0 + 10 * step + rank, 5.0 + 10 * step + rank]))
+    for got in ranks:
+        assert (got["history"] == one.loss_history).all() and (got["counts"] == [2, 2, 2, 0]).all()
+        assert got["data_std"] == pytest.approx(((5 / 3 + 20 / 3) / 2) ** 0.5, rel=1e-6)
