@@ -161,6 +161,15 @@ def test_importance_weighted_loss_and_resumable_history():
     for ti, loss in last.items():
         assert obj.resampler.loss_history[ti, -1] == pytest.approx(loss, rel=1e-6)
     assert (obj.resampler.loss_counts == 10).all() and not np.array_equal(obj.resampler.weights(), before)
+    # the importance-sampled timesteps come from the generator alone, as the uniform ones do
+    drawn = []
+    for global_seed in (0, 1):
+        twin = GaussianObjective(diffusion_steps=4, noise_schedule=COSINE, timestep_sampler="loss-second-moment")
+        twin.resampler.update(torch.arange(4).repeat(10), torch.tensor([1.0, 2.0, 3.0, 4.0]).repeat(10))
+        _spy_training_losses(twin, drawn)
+        torch.manual_seed(global_seed)
+        twin.loss(_net, torch.zeros(64, 1, 2, 2), torch.zeros(64, dtype=torch.long), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(drawn[0][0], drawn[1][0])
     # the state round-trips; a state without it (an older checkpoint) leaves the sampler as it is
     state = obj.state_dict()
     fresh = GaussianObjective(diffusion_steps=4, noise_schedule=COSINE, timestep_sampler="loss-second-moment")
@@ -198,11 +207,14 @@ def test_classifier_guidance_shifts_the_mean_and_the_score_by_the_closed_forms()
     mean, _, _ = d.q_posterior_mean_variance(x0, x, t)
     torch.testing.assert_close(cond["mean"], mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cond["variance"], plain["variance"])
-    # the DDIM steps (both directions) use the guided score
+    # the DDIM steps (both directions) use the guided score; the model's keyword arguments reach cond_fn
+    needs_scale = lambda x, t, scale: grad * scale  # noqa: E731
     for step in (d.ddim_sample, d.ddim_reverse_sample):
         with_grad = step(model, x, t, clip_denoised=False, cond_fn=cond_fn)
         with_eps = step(_const_model(eps_guided), x, t, clip_denoised=False)
         torch.testing.assert_close(with_grad["sample"], with_eps["sample"], rtol=1e-5, atol=1e-5)
+        with_kwargs = step(model, x, t, clip_denoised=False, cond_fn=needs_scale, model_kwargs={"scale": 1.0})
+        torch.testing.assert_close(with_kwargs["sample"], with_eps["sample"], rtol=1e-5, atol=1e-5)
 
 
 def test_ddim_inversion_clips_its_x0_by_default():
@@ -221,6 +233,9 @@ def test_ddim_inversion_clips_its_x0_by_default():
     x0 = clipped["pred_xstart"]
     eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
     torch.testing.assert_close(clipped["sample"], nxt.sqrt() * x0 + (1 - nxt).sqrt() * eps, rtol=1e-5, atol=1e-5)
+    # denoised_fn replaces the predicted x0, as in the other steps
+    halved = d.ddim_reverse_sample(model, x, t, clip_denoised=False, denoised_fn=lambda x0: x0 / 2)
+    torch.testing.assert_close(halved["pred_xstart"], unclipped["pred_xstart"] / 2)
 
 
 # -------------------------------------------------------------------------------------- sampling
