@@ -140,10 +140,12 @@ def test_resampler_draws_from_its_weights_with_importance_weights():
     assert (freq - p).abs().max() < 4 * (p * (1 - p) / len(t)).sqrt().max()  # 4 binomial standard errors
     torch.testing.assert_close(w, (1.0 / (4 * p[t])).float())  # E[w L_t] = the uniform mean of L_t
     assert w.dtype == torch.float32 and t.dtype == torch.long
-    # seeded by the generator alone
+    # seeded by the generator alone; without one, by the global RNG
     torch.manual_seed(5)
     again, _ = r.sample(20000, torch.device("cpu"), torch.Generator().manual_seed(0))
     assert torch.equal(t, again)
+    torch.manual_seed(0)
+    assert torch.equal(r.sample(20000, torch.device("cpu"))[0], t)
 
 
 def test_importance_weighted_loss_and_resumable_history():
@@ -290,6 +292,9 @@ def test_sampling_defaults_are_ddpm_250_steps_unguided_clipped_and_quiet(capsys)
     assert torch.equal(got, want)
     assert len(stub.calls) == obj.last_nfe == 250 and {b for b, _ in stub.calls} == {1}  # no doubled batch
     assert capsys.readouterr().err == ""  # no progress bar unless asked
+    obj.sample(_Stub(), noise, y, sampler="ddim", steps=5, progress=True)
+    bar = capsys.readouterr().err
+    assert "0/5" in bar and "5/5" not in bar  # a bar over the 5 steps, cleared when done
 
 
 def test_guidance_interval_guides_only_inside_it_even_for_a_batch_of_one():
@@ -359,10 +364,11 @@ def test_sampling_loops_apply_denoised_fn_and_are_quiet_by_default(capsys):
         # at t = 0 both steps return their x0 prediction (no noise, posterior weight 0 on x_t)
         zeroed = loop(_Stub(), (2, 1, 2, 2), noise=noise, generator=_g(0), denoised_fn=torch.zeros_like, **kw)
         assert plain.abs().min() > 0 and torch.equal(zeroed, torch.zeros_like(zeroed))
-    assert capsys.readouterr().err == ""
     # the progressive DDIM loop is the deterministic ODE unless eta is given
     *_, last = d.ddim_sample_loop_progressive(_Stub(), (2, 1, 2, 2), noise=noise, generator=_g(7), **kw)
     assert torch.equal(last["sample"], d.ddim_sample_loop(_Stub(), (2, 1, 2, 2), noise=noise, eta=0.0, **kw))
+    list(d.p_sample_loop_progressive(_Stub(), (2, 1, 2, 2), noise=noise, generator=_g(0), **kw))
+    assert capsys.readouterr().err == ""
 
 
 def _approx_cdf64(x: np.ndarray) -> np.ndarray:
@@ -409,11 +415,43 @@ def test_process_defaults_and_its_checks():
     for bad in ({"mean_type": "noise"}, {"var_type": "learned"}, {"loss_type": "l1"}):
         with pytest.raises(AssertionError):
             GaussianDiffusion(betas, **bad)
-    # p_mean_variance clips x0 by default
+    # x0 is clipped by default, as in the official code: the mean, its parts and the vb term
     x, t = torch.randn(2, 1, 2, 2) * 3, torch.tensor([9, 9])
-    big = _const_model(torch.cat([torch.randn(2, 1, 2, 2) * 3, torch.zeros(2, 1, 2, 2)], dim=1))
+    out = torch.cat([torch.randn(2, 1, 2, 2) * 3, torch.zeros(2, 1, 2, 2)], dim=1)
+    big = _const_model(out)
     assert d.p_mean_variance(big, x, t)["pred_xstart"].abs().max() <= 1.0
     assert d.p_mean_variance(big, x, t, clip_denoised=False)["pred_xstart"].abs().max() > 1.0
+    torch.testing.assert_close(d._p_from_output(out, x, t)["pred_xstart"], d.p_mean_variance(big, x, t)["pred_xstart"])
+    x0 = torch.rand(2, 1, 2, 2) * 2 - 1
+    vb = {clip: d._vb_terms_bpd(big, x0, x, t, clip_denoised=clip)["output"] for clip in (True, False)}
+    torch.testing.assert_close(d._vb_terms_bpd(big, x0, x, t)["output"], vb[True])
+    assert not torch.allclose(vb[True], vb[False])
+    *_, last = d.p_sample_loop_progressive(big, (2, 1, 2, 2), noise=x, generator=_g(0))
+    assert last["pred_xstart"].abs().max() <= 1.0
+    # the sizes of the process it was respaced from (the official SpacedDiffusion's attributes)
+    spaced = create_diffusion("5", noise_schedule=COSINE, diffusion_steps=50)
+    assert spaced.original_num_steps == 50 and spaced.use_timesteps == set(spaced.timestep_map) and len(spaced.timestep_map) == 5
+    # a one-step process has no posterior variance to clip (t = 0 only), a two-step one both entries
+    assert create_diffusion("1", noise_schedule=COSINE, diffusion_steps=50).posterior_log_variance_clipped.shape == (0,)
+    two = create_diffusion("2", noise_schedule=COSINE, diffusion_steps=50)
+    np.testing.assert_array_equal(two.posterior_log_variance_clipped, np.log(two.posterior_variance[[1, 1]]))
+
+
+def test_the_process_keeps_betas_in_0_1_and_the_objective_its_defaults():
+    for bad in ([0.1, 0.0], [0.5, 1.5]):  # a step that adds no noise; abar below 0
+        with pytest.raises(AssertionError):
+            GaussianDiffusion(np.array(bad))
+    with np.errstate(divide="ignore"):
+        assert GaussianDiffusion(np.array([0.5, 1.0])).betas[-1] == 1.0  # all signal gone at the end: allowed
+    # the schedules' names: "cosine" is Nichol & Dhariwal's squaredcos_cap_v2; linear and quadratic need T > 20
+    np.testing.assert_array_equal(get_named_beta_schedule("cosine", 30), get_named_beta_schedule("squaredcos_cap_v2", 30))
+    for name in ("linear", "quadratic"):
+        assert get_named_beta_schedule(name, 21)[-1] < 1
+        with pytest.raises(DitlabError, match=f"the {name} schedule needs diffusion_steps > 20"):
+            get_named_beta_schedule(name, 20)
+    # the objective's own defaults: fixed large variance without a learned sigma, the plain MSE
+    assert GaussianObjective(diffusion_steps=50, learn_sigma=False).diffusion.var_type == "fixed_large"
+    assert GaussianObjective(diffusion_steps=50).diffusion.loss_type == "mse"
 
 
 def test_loops_draw_x_T_from_the_generator_take_plain_functions_and_tuple_outputs(capsys):
