@@ -65,7 +65,7 @@ MODULES: dict[str, tuple[list[str], str | None]] = {
     "train/trainer.py": (["tests/test_train.py", "tests/test_train_schedules.py", "tests/test_train_validation.py",
                           "tests/test_train_compute.py", "tests/test_reliability.py", "tests/test_lm_train.py"],
                          "not locked and not holder and not signal and not sigterm and not gloo"),
-    **{module: (["tests/test_dit.py", "tests/test_dit_ablations.py", "tests/test_dit_variants.py",
+    **{module: (["tests/test_dit.py", "tests/test_dit_ablations.py", "tests/test_dit_variants.py", "tests/test_layers.py",
                  "tests/test_official_fixtures.py", "tests/test_layout_compat.py"], None)
        for module in ("models/dit.py", "models/layers.py")},
 }
