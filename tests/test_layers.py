@@ -1,6 +1,7 @@
 """The DiT's building blocks that the official fixtures never call, each against a hand-written
-reference: axial RoPE's angles and rotation, attention with qk-norm, cross-attention, DyT, and
-the class encodings' inits, biases and edge cases."""
+reference: axial RoPE's angles and rotation, attention with qk-norm, cross-attention, DyT, the
+class encodings' inits, biases and edge cases, and the norms, timestep features, patch embedding
+and label table at their edges."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import math
 import pytest
 import torch
 
-from ditlab.models.layers import (Attention, CrossAttention, DyT, LabelDropout, OneHotLabelEmbedder,
-                                  OneHotMlpLabelEmbedder, OneHotTokenLabelEmbedder, RoPE, ScalarLabelEmbedder,
-                                  TimestepEmbedder)
+from ditlab.models.layers import (Attention, CrossAttention, DyT, LabelDropout, LabelEmbedder, OneHotLabelEmbedder,
+                                  OneHotMlpLabelEmbedder, OneHotTokenLabelEmbedder, PatchEmbed, RoPE,
+                                  ScalarLabelEmbedder, TimestepEmbedder, make_norm)
 
 F32_ULP = torch.finfo(torch.float32).eps  # at 1: cos and sin lie in [-1, 1]
 
@@ -142,3 +143,28 @@ def test_class_encoder_edge_cases():
     with torch.device("meta"):
         meta = ScalarLabelEmbedder(10, 32, 0.0)
         assert meta(torch.zeros(2, dtype=torch.long), train=False).shape == (2, 32)
+
+
+def test_norms_timestep_features_patch_embedding_and_the_label_table_at_their_edges():
+    # the norms' eps is 1e-6 (the official DiT's LayerNorm), affine only when asked (adaLN blocks: not)
+    for kind, cls in (("layernorm", torch.nn.LayerNorm), ("rmsnorm", torch.nn.RMSNorm), ("dyt", DyT)):
+        with_affine, without = make_norm(kind, 8, True), make_norm(kind, 8, False)
+        assert isinstance(with_affine, cls) and with_affine.weight is not None and without.weight is None
+        if kind != "dyt":
+            assert with_affine.eps == without.eps == 1e-6
+    with pytest.raises(ValueError, match="unknown norm 'batchnorm'"):
+        make_norm("batchnorm", 8, True)
+    # an odd feature count: the ADM cos/sin pairs, then one zero column
+    t = torch.tensor([0.0, 3.5, 999.0])
+    feats = TimestepEmbedder.timestep_embedding(t, 5)
+    freqs = torch.tensor([1.0, 10000 ** -0.5])
+    torch.testing.assert_close(feats, torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs),
+                                                 torch.zeros(3, 1)], dim=1))
+    # patch embedding: timm's (p, p) and the 2-D layout by default
+    patches = PatchEmbed(28, 4, 1, 8)
+    assert patches.patch_size == (4, 4) and patches(torch.randn(2, 1, 28, 28)).shape == (2, 49, 8)
+    # the label table: a null row only with label dropout, and one row for an unconditional model
+    assert LabelEmbedder(1, 16, 0.0).embedding_table.num_embeddings == 1
+    none = LabelEmbedder(0, 16, 0.0)
+    assert none.embedding_table.num_embeddings == 1
+    torch.testing.assert_close(none(torch.tensor([-1, -1]), train=True), none.embedding_table.weight.expand(2, 16))
