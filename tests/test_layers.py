@@ -66,6 +66,7 @@ def test_self_attention_with_qk_norm_normalises_each_heads_q_and_k():
     torch.manual_seed(0)
     attn = _randomize(Attention(dim=8, num_heads=2, qk_norm=True)).double()
     assert (attn.q_norm.eps, attn.k_norm.eps) == (1e-6, 1e-6)
+    assert not any(hasattr(cls(8, 2), "q_norm") for cls in (Attention, CrossAttention))  # off by default
     x = torch.randn(2, 5, 8, dtype=torch.float64)
     qkv = x @ attn.qkv.weight.T + attn.qkv.bias
     q, k, v = (qkv[..., i * 8:(i + 1) * 8].reshape(2, 5, 2, 4).transpose(1, 2) for i in range(3))
