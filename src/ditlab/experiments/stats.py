@@ -111,14 +111,14 @@ def arm_stats(values: Sequence[float], sampling_var: Sequence[float] | None = No
         raise DitlabError(f"an arm needs finite metric values, got {list(values)}")
     n = int(v.size)
     spread = float(v.var(ddof=1)) if n > 1 else 0.0
-    floor = float(np.mean(sampling_var)) if sampling_var is not None and len(sampling_var) else 0.0
+    per_seed_var = [float(x) for x in sampling_var] if sampling_var is not None and len(sampling_var) else None
+    floor = float(np.mean(per_seed_var)) if per_seed_var else 0.0
     if n == 1 and floor == 0.0:
         raise DitlabError("one seed and no sampling variance: the uncertainty of this arm is unknown")
     for name, per_seed in (("sampling variances", sampling_var), ("models", models)):
         if per_seed is not None and len(per_seed) not in (0, n):
             raise DitlabError(f"an arm of {n} seeds got {len(per_seed)} {name}")
-    return ArmStats(float(v.mean()), max(spread, floor) / n, n, [float(x) for x in v],
-                    [float(x) for x in sampling_var] if sampling_var is not None and len(sampling_var) else None,
+    return ArmStats(float(v.mean()), max(spread, floor) / n, n, [float(x) for x in v], per_seed_var,
                     list(models) if models is not None else None)
 
 
