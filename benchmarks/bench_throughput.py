@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ditlab.models import DiT
+from ditlab.models.onednn import use_onednn_linear
 
 # MNIST-scale shapes from the field notes, plus one latent-space shape.
 CASES = [
@@ -74,6 +75,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
+    parser.add_argument("--no-onednn", action="store_true",
+                        help="ditlab's linear layers with PyTorch's own products (train.onednn_linear=false)")
     args = parser.parse_args()
     if not args.official:
         sys.exit("error: give --official PATH or set DITLAB_OFFICIAL_DIT to a facebookresearch/DiT checkout")
@@ -84,6 +87,8 @@ def main() -> None:
         kw = {k: case[k] for k in ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "num_classes")}
         ours, theirs = DiT(**kw), Official(**kw)
         theirs.load_state_dict(ours.state_dict())
+        if not args.no_onednn:  # as build_model gives it (train.onednn_linear, the default)
+            use_onednn_linear(ours)
         rates = {("ditlab", "train"): [], ("official", "train"): [], ("ditlab", "sample"): [], ("official", "sample"): []}
         for _ in range(args.repeats):  # alternate so drift in machine load hits both alike
             for label, model in (("ditlab", ours), ("official", theirs)):
@@ -100,7 +105,9 @@ def main() -> None:
         "## DiT throughput: ditlab vs official facebookresearch/DiT",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32 CPU."
-        f" Median of {args.repeats} alternating runs of {args.steps} steps; same weights in both. Command: `python benchmarks/bench_throughput.py`.",
+        f" Median of {args.repeats} alternating runs of {args.steps} steps; same weights in both; ditlab's linear layers"
+        f" {'with PyTorch products' if args.no_onednn else 'in oneDNN (the default)'}. Command: `python benchmarks/bench_throughput.py"
+        f"{' --no-onednn' if args.no_onednn else ''}`.",
         "",
         "| shape | batch | train img/s ditlab | train img/s official | ratio | forward img/s ditlab | forward img/s official | ratio |",
         "|---|---|---|---|---|---|---|---|",

@@ -20,6 +20,9 @@ each, `--repeats` times; the ratio is of the medians of the per-step times. Samp
 `create_diffusion(str(N))` p_sample_loop with `forward_with_cfg` (as the official sample.py:
 doubled batch, guidance 4) against the official diffusion and model, same noise, alternating.
 
+ditlab's linear layers compute in oneDNN, as `build_model` gives them on CPU (`--no-onednn`: with
+PyTorch's own products, `train.onednn_linear=false`).
+
 --ops prints the torch.profiler op table of a few ditlab steps (self CPU time) and the share of
 matrix products in it, the ceiling for anything that is not a faster matmul.
 
@@ -45,6 +48,7 @@ import torch
 from ditlab.commands.quickstart import quickstart_config_path
 from ditlab.config import load_config
 from ditlab.models import DiT
+from ditlab.models.onednn import use_onednn_linear
 from ditlab.train import distributed as D
 from ditlab.train import trainer as trainer_module
 from ditlab.train.batch import prepare_batch
@@ -78,10 +82,11 @@ class Synthetic(torch.utils.data.Dataset):
         return self.x[i], self.y[i]
 
 
-def build_trainer(case: dict, out: Path):
+def build_trainer(case: dict, out: Path, onednn: bool = True):
     kw = {k: v for k, v in case.items() if k != "batch"}
     overrides = [f"model.{k}={v}" for k, v in kw.items()] + [
-        f"optim.batch_size={case['batch']}", f"train.out_dir={out}", "train.tensorboard=false", "train.progress=false"]
+        f"optim.batch_size={case['batch']}", f"train.out_dir={out}", "train.tensorboard=false", "train.progress=false",
+        f"train.onednn_linear={str(onednn).lower()}"]
     cfg = load_config(quickstart_config_path(), overrides)
     real = trainer_module.build_dataset
     if (case["in_channels"], case["input_size"]) != (1, 28):
@@ -181,6 +186,8 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=10, help="diffusion steps of the sampling comparison (0: skip)")
     parser.add_argument("--sample-batch", type=int, default=16, help="images per sampling run (2x through the model)")
     parser.add_argument("--ops", action="store_true", help="print the op profile of ditlab's step")
+    parser.add_argument("--no-onednn", action="store_true",
+                        help="ditlab's linear layers with PyTorch's own products (train.onednn_linear=false)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -194,7 +201,7 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     for name in args.cases.split(","):
         case = CASES[name]
-        tr = build_trainer(case, Path(tmp.name) / name)
+        tr = build_trainer(case, Path(tmp.name) / name, onednn=not args.no_onednn)
         ours = Stepper(tr)
         theirs = None
         if official is not None:
@@ -234,6 +241,8 @@ def main() -> None:
                 ours_s = DiT(**kw)  # learned sigma, as the official sample.py's models
                 theirs_s = official.DiT(**kw)
                 theirs_s.load_state_dict(ours_s.state_dict())
+                if tr.cfg.train.onednn_linear:  # as build_model (and so `ditlab sample`) gives it
+                    use_onednn_linear(ours_s)
                 pairs = (("ditlab", ours_s, create_diffusion(str(args.sample_steps))),
                          ("official", theirs_s, official_create_diffusion(str(args.sample_steps))))
                 rates = {"ditlab": [], "official": []}
@@ -251,7 +260,8 @@ def main() -> None:
                     ours.step()
             events = prof.key_averages()
             total = sum(e.self_cpu_time_total for e in events)
-            mm = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"))
+            products = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise")
+            mm = sum(e.self_cpu_time_total for e in events if e.key in products)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
             print(f"  matrix products: {100 * mm / total:.0f}% of self CPU time")
     print(f"\n{load_state()} at the end")

@@ -68,7 +68,8 @@ def hand_count_macs(model) -> int:
         macs[0] += 2 * b * (h * w) ** 2 * c
 
     for m in model.modules():
-        hook = {nn.Conv2d: conv, nn.Linear: linear, AttentionBlock: attention}.get(type(m))
+        hook = next((h for kind, h in ((nn.Conv2d, conv), (nn.Linear, linear), (AttentionBlock, attention))
+                     if isinstance(m, kind)), None)
         if hook:
             m.register_forward_hook(hook)
     args, kwargs = model_inputs(model)

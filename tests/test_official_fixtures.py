@@ -25,6 +25,10 @@ other MKL/oneDNN code paths or two threads, the largest difference used 34% of i
 normal samples of the initialisation); multiplying every model output by 1 + 8 ulps of noise
 used at most 7%. A real regression (a wrong coefficient, timestep, clipping, channel split, RNG
 order) moves the results by orders of magnitude more than these bounds.
+
+The DiT cases run twice: on the model as constructed (PyTorch's products, MKL on CPU) and with its
+linear layers in oneDNN (`models/onednn.py`, what `build_model` gives on CPU), which only sums
+the same products in another order and so must meet the same tolerances.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from safetensors.torch import load_file
 
 from ditlab.diffusion import create_diffusion
 from ditlab.models import DiT, DiT_models
+from ditlab.models.onednn import onednn_available, use_onednn_linear
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "official_dit.safetensors"
@@ -66,6 +71,18 @@ for _alias, _target in META["aliases"].items():  # repeated outputs are stored o
 CASES: list[dict] = META["cases"]
 DITLAB = runner.Implementation(DiT=DiT, DiT_models=DiT_models, create_diffusion=create_diffusion)
 
+
+def _with_onednn(build):
+    def make(*args, **kwargs):
+        model = build(*args, **kwargs)
+        use_onednn_linear(model)
+        return model
+    return make
+
+
+DITLAB_ONEDNN = runner.Implementation(DiT=_with_onednn(DiT), DiT_models={k: _with_onednn(v) for k, v in DiT_models.items()},
+                                      create_diffusion=create_diffusion)
+
 EPS32 = torch.finfo(torch.float32).eps
 EPS64 = torch.finfo(torch.float64).eps
 ULPS = 4  # per rounded operation; kernel differences between CPUs are 1-2 ulps per operation
@@ -81,6 +98,18 @@ def _expected(case: dict) -> dict[str, torch.Tensor]:
 
 def _cases(*kinds: str) -> list:
     return [pytest.param(c, id=c["id"]) for c in CASES if c["kind"] in kinds]
+
+
+def _dit_cases(*kinds: str) -> list:
+    """(case, implementation): cases that run a DiT once per way of computing its linear layers."""
+    params = []
+    for c in CASES:
+        if c["kind"] in kinds:
+            params.append(pytest.param(c, DITLAB, id=c["id"]))
+            if "dit" in c or c["kind"] == "dit_call":
+                params.append(pytest.param(c, DITLAB_ONEDNN, id=f"{c['id']}-onednn",
+                                           marks=pytest.mark.skipif(not onednn_available(), reason="no oneDNN")))
+    return params
 
 
 def _f32_tol(expected: torch.Tensor, terms: float = 1.0, amp: float = 1.0) -> float:
@@ -177,9 +206,9 @@ def test_seeded_initialisation(case):
         _check(actual[key], exp, _f32_tol(exp, RNG_TERMS), f"{case['id']} {key}")
 
 
-@pytest.mark.parametrize("case", _cases("dit_call"))
-def test_dit(case):
-    actual = runner.run_case(case, META, TENSORS, DITLAB)
+@pytest.mark.parametrize("case, impl", _dit_cases("dit_call"))
+def test_dit(case, impl):
+    actual = runner.run_case(case, META, TENSORS, impl)
     expected = _expected(case)
     _check_keys(actual, expected, case)
     _check_rng_after(actual, expected, case)
@@ -223,9 +252,9 @@ def test_diffusion_schedule(case):
             _check(actual[key], exp, ULPS * EPS64 * steps * finite.abs().max().item(), f"{case['id']} {key}")
 
 
-@pytest.mark.parametrize("case", _cases("diffusion_call"))
-def test_diffusion(case):
-    actual = runner.run_case(case, META, TENSORS, DITLAB)
+@pytest.mark.parametrize("case, impl", _dit_cases("diffusion_call"))
+def test_diffusion(case, impl):
+    actual = runner.run_case(case, META, TENSORS, impl)
     expected = _expected(case)
     _check_keys(actual, expected, case)
     if not case["models"]:  # q_*: float32 coefficients times the inputs, no model, no amplification

@@ -53,6 +53,7 @@ MODULES: dict[str, tuple[list[str], str | None]] = {
     "eval/fid.py": (["tests/test_eval_fid.py", "tests/test_eval_fid_inputs.py", "tests/test_eval_wiring.py",
                      "tests/test_eval_command.py"], None),
     "experiments/stats.py": (["tests/test_findings_stats.py"], None),
+    "models/onednn.py": (["tests/test_onednn.py", "tests/test_official_fixtures.py"], "onednn"),
     "eval/scaling.py": (["tests/test_eval_scaling.py"], None),
     "objectives/gaussian.py": (["tests/test_gaussian.py", "tests/test_gaussian_rules.py", "tests/test_official_fixtures.py",
                                 "tests/test_objective_targets.py", "tests/test_sampling_labels.py", "tests/test_guidance_rules.py",

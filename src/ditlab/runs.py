@@ -229,7 +229,7 @@ def _remove_empty(created: list[Path], lock: bool = False) -> None:
 # experiment: changing it under an existing checkpoint would make one run of two experiments.
 RESUMABLE_CHANGES = (
     "train.out_dir", "train.steps", "train.time_budget_s", "train.log_every", "train.ckpt_every",
-    "train.sample_every", "train.keep_last", "train.progress", "train.tensorboard", "train.compile",
+    "train.sample_every", "train.keep_last", "train.progress", "train.tensorboard", "train.compile", "train.onednn_linear",
     "train.fsdp", "train.grad_accum", "model.grad_checkpointing", "optim.warmup_steps", "data.path",
     "data.num_workers", "vae.path", "sample.*",
 )

@@ -7,7 +7,7 @@ import eval/); this module re-exports it for `ditlab flops` and the metrics libr
 from __future__ import annotations
 
 from ditlab.models.flops import (
-    ATTENTION_FORMULAS,
+    FORMULAS,
     _sdpa_flops,
     build_for_counting,
     count_flops,
@@ -17,5 +17,5 @@ from ditlab.models.flops import (
     model_inputs,
 )
 
-__all__ = ["ATTENTION_FORMULAS", "_sdpa_flops", "build_for_counting", "count_flops", "count_params", "gflops",
+__all__ = ["FORMULAS", "_sdpa_flops", "build_for_counting", "count_flops", "count_params", "gflops",
            "measure", "model_inputs"]

@@ -144,9 +144,11 @@ def training_identity(cfg: Config, tokenizer: dict | None) -> dict:
     """What determines a unit's training: the config without sampling settings or local paths."""
     d = config_to_dict(cfg)
     d.pop("sample")
-    # what and when a run writes does not change its weights
+    # what and when a run writes does not change its weights; the CPU matmul kernel changes them
+    # by float rounding only (units trained before `onednn_linear` existed used MKL's products)
     d["train"] = {k: v for k, v in d["train"].items()
-                  if k not in ("out_dir", "progress", "tensorboard", "log_every", "ckpt_every", "keep_last", "sample_every")}
+                  if k not in ("out_dir", "progress", "tensorboard", "log_every", "ckpt_every", "keep_last", "sample_every",
+                               "onednn_linear")}
     d["vae"]["path"] = f"tokenizer:{tokenizer['key']}" if tokenizer else d["vae"]["path"]
     d["data"]["path"] = None  # where this machine keeps the dataset is not part of the experiment
     for (section, name), default in LATER_OPTIONS.items():

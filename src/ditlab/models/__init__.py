@@ -9,6 +9,7 @@ from ditlab.config import LM_MODEL, Config
 from ditlab.errors import DitlabError
 from ditlab.models.dit import DiT, DiT_models, dit_from_config
 from ditlab.models.lm import ByteLM, build_lm, lm_from_config
+from ditlab.models.onednn import use_onednn_linear
 from ditlab.models.unet import UNet
 
 __all__ = ["ByteLM", "DiT", "DiT_models", "build_lm", "build_model"]
@@ -18,8 +19,16 @@ def build_model(cfg: Config) -> nn.Module:
     """Build the model a run's config describes.
 
     Learned sigma only exists for Gaussian diffusion; shortcut models always condition on the
-    step size. Everything else comes from `cfg.model`.
+    step size. Everything else comes from `cfg.model`. With `train.onednn_linear` (the default)
+    the linear layers compute their fp32 CPU products in oneDNN (`onednn.py`; same weights).
     """
+    model = _build(cfg)
+    if cfg.train.onednn_linear:
+        use_onednn_linear(model)
+    return model
+
+
+def _build(cfg: Config) -> nn.Module:
     m = cfg.model
     if m.name == LM_MODEL:
         return lm_from_config(m)

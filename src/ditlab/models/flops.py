@@ -37,8 +37,19 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
     return 2 * b * n * m * d + 2 * b * n * m * dv
 
 
-# CPU fused attention has no formula in torch's registry; the CUDA kernels do (same count).
-ATTENTION_FORMULAS = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+def _linear_flops(input_shape, weight_shape, *args, **kwargs) -> int:
+    """FLOPs of x W^T for x [..., K] and W [N, K]: oneDNN's linear (`onednn.py`), counted as aten's mm."""
+    rows = 1
+    for s in input_shape[:-1]:
+        rows *= s
+    return 2 * rows * weight_shape[0] * weight_shape[1]
+
+
+# Ops without a formula in torch's registry: CPU fused attention (the CUDA kernels have one, with the
+# same count) and oneDNN's linear, which `build_model` uses on CPU.
+FORMULAS = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    FORMULAS[torch.ops.mkldnn._linear_pointwise] = _linear_flops
 
 
 def model_inputs(model: nn.Module, batch: int = 1, device: str | torch.device = "cpu") -> tuple[tuple, dict]:
@@ -57,7 +68,7 @@ def count_flops(model: nn.Module, batch: int = 1) -> float:
     """FLOPs (2 per MAC, torch's convention) of one forward pass of `batch` images."""
     device = next(model.parameters()).device
     args, kwargs = model_inputs(model, batch, device)
-    counter = FlopCounterMode(display=False, custom_mapping=ATTENTION_FORMULAS)
+    counter = FlopCounterMode(display=False, custom_mapping=FORMULAS)
     with torch.no_grad(), counter:
         model(*args, **kwargs)
     return float(counter.get_total_flops())
