@@ -137,6 +137,25 @@ def test_conversion_keeps_weights_keys_and_subclasses():
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
 
 
+def test_the_smallest_input_runs_in_onednn(counted):
+    _, fast = _layer(1, 3)
+    x = torch.full((1, 1), 2.0, requires_grad=True)
+    fast(x).sum().backward()  # one value in: only an empty input (no rows to reduce over) takes F.linear
+    assert len(counted) == 3
+
+
+def test_availability_needs_onednn_and_its_linear_kernel(monkeypatch):
+    assert onednn.onednn_available()
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert not onednn.onednn_available()
+
+    def broken():
+        raise RuntimeError("no oneDNN in this build")
+
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", broken)
+    assert not onednn.onednn_available()
+
+
 def test_without_onednn_nothing_changes(monkeypatch):
     monkeypatch.setattr(onednn, "onednn_available", lambda: False)
     model = nn.Sequential(nn.Linear(4, 4))
