@@ -11,7 +11,9 @@ computes full logits when given targets). For the comparison ditlab's model is c
 nanoGPT's architecture: LayerNorm, learned positions, GELU MLP x4, tied embeddings, no dropout,
 nanoGPT with bias=False (ditlab's LayerNorm keeps its bias: d parameters per norm). The rows
 "ditlab default" (RMSNorm + RoPE) and "ditlab Infini" (segments of a quarter of the context,
-linear memory) have no nanoGPT counterpart. Writes its section of benchmarks/RESULTS.md.
+linear memory) have no nanoGPT counterpart. ditlab's linear layers compute in oneDNN, as
+`build_model` gives them on CPU (`--no-onednn`: PyTorch's own products, as nanoGPT's).
+Writes its section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ditlab.models.lm import build_lm
+from ditlab.models.onednn import use_onednn_linear
 
 # (name, d_model, layers, heads, context, batch): the CPU recipe (configs/lm_gcide.yaml) and a wider one.
 SHAPES = [
@@ -92,6 +95,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    parser.add_argument("--no-onednn", action="store_true",
+                        help="ditlab's linear layers with PyTorch's own products (train.onednn_linear=false)")
     args = parser.parse_args()
     if not (args.nanogpt / "model.py").is_file():
         raise SystemExit(f"error: {args.nanogpt / 'model.py'} not found (give a karpathy/nanoGPT checkout)")
@@ -112,6 +117,10 @@ def main() -> None:
             "ditlab default": build_lm(**common),
             "ditlab Infini": build_lm(**common, attention="infini", segment_len=T // 4),
         }
+        if not args.no_onednn:  # as build_model gives them (train.onednn_linear, the default)
+            for label, model in models.items():
+                if label != "nanoGPT":
+                    use_onednn_linear(model)
         x = torch.randint(0, 256, (B, T))
         y = torch.randint(0, 256, (B, T))
         rates = {(m, k): [] for m in models for k in ("train", "eval")}
@@ -135,7 +144,9 @@ def main() -> None:
         "",
         f"Machine: {machine()}, torch threads: {torch.get_num_threads()}, torch {torch.__version__}, fp32 CPU."
         f" Median of {args.repeats} alternating runs of {args.steps} steps; tokens are bytes (vocabulary 256)."
-        f" Command: `python benchmarks/bench_lm.py NANOGPT_CHECKOUT{f' --threads {args.threads}' if args.threads else ''}`."
+        f" Command: `python benchmarks/bench_lm.py NANOGPT_CHECKOUT{f' --threads {args.threads}' if args.threads else ''}"
+        f"{' --no-onednn' if args.no_onednn else ''}`; ditlab's linear layers"
+        f" {'with PyTorch products' if args.no_onednn else 'in oneDNN (the default)'}."
         " Ratios are against nanoGPT's model.py"
         " (ditlab configured as its architecture: LayerNorm, learned positions, bias=False, tied embeddings);"
         " \"default\" is RMSNorm + RoPE, \"Infini\" has 4 segments per context and a linear memory.",

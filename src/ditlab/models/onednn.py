@@ -1,8 +1,8 @@
 """nn.Linear with its matrix products in oneDNN on CPU: the same layer and weights, faster products.
 
-PyTorch sends an fp32 `nn.Linear` on CPU to MKL's sgemm. On the AVX-512 CPUs measured here
-(benchmarks/RESULTS.md) oneDNN's kernels for the same products run 2-3x faster at DiT shapes,
-and nn.Linear's products are most of a DiT training step. `OneDNNLinear` is an `nn.Linear` (same
+PyTorch sends an fp32 `nn.Linear` on CPU to MKL's sgemm. On the AVX-512 CPU measured here
+(benchmarks/RESULTS.md, `bench_linear.py`) oneDNN's kernels for the same products run 1.3-2.6x
+faster at DiT shapes, and nn.Linear's products are most of a DiT training step. `OneDNNLinear` is an `nn.Linear` (same
 parameters, same state_dict, same initialisation) whose forward and backward call oneDNN's
 matmul (`torch.ops.mkldnn._linear_pointwise`, the kernel inductor uses for CPU linears):
 
@@ -12,8 +12,8 @@ matmul (`torch.ops.mkldnn._linear_pointwise`, the kernel inductor uses for CPU l
 Only the summation order of those products changes, so results equal F.linear's up to float
 rounding (tests/test_onednn.py bounds the difference by the rounding error of a K-term sum).
 Everything else (CUDA, autocast, other dtypes, meta tensors, torch.compile, which picks its own
-kernels, a PyTorch built without oneDNN) takes F.linear unchanged. `use_onednn_linear(model)` converts a built model's layers in place;
-`build_model` does so unless `train.onednn_linear=false`.
+kernels, a PyTorch built without oneDNN) takes F.linear unchanged. `use_onednn_linear(model)`
+converts a built model's layers in place; `build_model` does so unless `train.onednn_linear=false`.
 """
 
 from __future__ import annotations
