@@ -170,6 +170,24 @@ def test_channels_as_tokens_layout_shapes():
     assert out.shape == (2, 6, 8, 8)
 
 
+def test_channels_as_tokens_positions_add_a_channel_code_to_the_2d_table():
+    """Token (c, i, j) gets the 2-D table's entry of (i, j) plus a full-width sin-cos of c, written
+    out here one value at a time from the MAE formula."""
+    import math
+
+    C, D, h = 3, 32, 4
+    model = DiT(**{**TINY, "in_channels": C, "token_layout": "channels_as_tokens"})
+    flat = DiT(**{**TINY, "in_channels": C})  # the 2-D table (checked against the official code elsewhere)
+    table, grid2d = model.pos_embed[0].double(), flat.pos_embed[0].double()
+    for c in range(C):
+        code = [math.sin(c / 10000 ** (k / (D / 2))) for k in range(D // 2)] + \
+               [math.cos(c / 10000 ** (k / (D / 2))) for k in range(D // 2)]
+        for n in range(h * h):
+            want = grid2d[n] + torch.tensor(code, dtype=torch.float64)
+            # the code rounded to float32 (|code| <= 1: 2^-24), then the float32 sum (|sum| <= 2: 2^-23)
+            torch.testing.assert_close(table[c * h * h + n], want, rtol=0, atol=2.0 ** -24 + 2.0 ** -23)
+
+
 def test_unpatchify_channels_as_tokens_orders_outputs_eps_then_sigma():
     model = DiT(**{**TINY, "in_channels": 2, "token_layout": "channels_as_tokens"})
     p, h, C, k = 2, 4, 2, 2
