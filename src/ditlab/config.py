@@ -161,7 +161,7 @@ class TrainConfig:
     keep_last: int = 2
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False
-    # CPU fp32: nn.Linear's products in oneDNN instead of MKL (`models/onednn.py`; 1.4-1.8x faster
+    # CPU fp32: nn.Linear's products in oneDNN instead of MKL (`models/onednn.py`; 1.2-1.8x faster
     # training steps on the AVX-512 CPU measured, same weights). Runs saved without this field read as false.
     onednn_linear: bool = True
     fsdp: bool = False
