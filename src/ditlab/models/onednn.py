@@ -2,9 +2,10 @@
 
 PyTorch sends an fp32 `nn.Linear` on CPU to MKL's sgemm. On the AVX-512 CPU measured here
 (benchmarks/RESULTS.md, `bench_linear.py`) oneDNN's kernels for the same products run 1.3-2.6x
-faster at DiT shapes, and nn.Linear's products are most of a DiT training step. `OneDNNLinear` is an `nn.Linear` (same
-parameters, same state_dict, same initialisation) whose forward and backward call oneDNN's
-matmul (`torch.ops.mkldnn._linear_pointwise`, the kernel inductor uses for CPU linears):
+faster at DiT shapes, and nn.Linear's products are most of a DiT training step. `OneDNNLinear`
+is an `nn.Linear` (same parameters, same state_dict, same initialisation) whose forward and
+backward call oneDNN's matmul (`torch.ops.mkldnn._linear_pointwise`, the kernel inductor uses
+for CPU linears):
 
     forward        y  = x W^T + b
     backward       dx = dy W,   dW = dy^T x,   db = sum over rows of dy
