@@ -168,6 +168,9 @@ def run(module: str, fresh: bool, children: int, only: list[str]) -> None:
 def report(module: str) -> dict:
     """Counts per status and the surviving mutants of the module's last run."""
     work = scratch_dir(module)
+    if not (work / "setup.cfg").exists():
+        print(f"== {module}: no run in {work} yet (run it without --report first)")
+        return {"stats": {}, "survivors": []}
     subprocess.run(["mutmut", "export-cicd-stats"], cwd=work, env=env(), capture_output=True, check=False)
     stats_file = work / "mutants" / "mutmut-cicd-stats.json"
     stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
