@@ -58,6 +58,9 @@ def test_named_constructors_are_the_table_entries():
             assert getattr(dit, f"DiT_{size}_{patch}") is ctor and ctor.__name__ == f"DiT_{size}_{patch}"
             m = ctor(input_size=32, in_channels=4, num_classes=1000)
             assert (len(m.blocks), m.x_embedder.proj.out_channels, m.num_heads, m.patch_size) == (*dit.DIT_SIZES[size], int(patch))
+            # keyword arguments other than the official defaults (32, 4, 1000, learn_sigma) reach the model
+            m = ctor(input_size=16, in_channels=1, num_classes=10, learn_sigma=False)
+            assert (m.input_size, m.in_channels, m.num_classes, m.out_channels) == (16, 1, 10, 1)
 
 
 def test_state_dict_layout_is_the_official_one():
@@ -230,3 +233,36 @@ def test_force_drop_ids_replaces_random_label_dropout():
     # The same batch and labels as the eval-mode passes, so the same numbers exactly.
     assert torch.equal(model(x, t, y, force_drop_ids=torch.zeros_like(y)), cond)
     assert torch.equal(model(x, t, y, force_drop_ids=torch.ones_like(y)), uncond)
+
+
+def _options(**kw) -> dict:
+    base = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, num_heads=2, num_classes=10,
+                conditioning="adaln_zero", class_encoding="embedding", pos_embed="sincos", norm="layernorm",
+                token_layout="2d", token_dim=None)
+    return {**base, **kw}
+
+
+@pytest.mark.parametrize("name, bad", [("input_size", 0), ("patch_size", 0), ("in_channels", 0), ("hidden_size", 0),
+                                       ("num_heads", 0), ("num_classes", -1)])
+def test_each_size_alone_must_be_positive(name, bad):
+    from ditlab.models.dit import _check_options
+
+    _check_options(**_options())  # the base is valid
+    with pytest.raises(DitlabError, match="must be >= 1"):
+        _check_options(**_options(**{name: bad}))
+
+
+def test_token_dim_and_head_dim_bounds_are_exact():
+    from ditlab.models.dit import _check_options
+
+    _check_options(**_options(token_dim=1))  # a one-channel token is allowed
+    with pytest.raises(DitlabError, match=r"token_dim must be >= 1 \(got 0\)"):
+        _check_options(**_options(token_dim=0))
+    # RoPE on a 2-D grid splits each head into 2 x 2 rotation halves: head dim 24 / 4 = 6 is refused, named as an int.
+    with pytest.raises(DitlabError, match=r"hidden_size 24 / num_heads 4 = 6$"):
+        _check_options(**_options(hidden_size=24, num_heads=4, pos_embed="rope"))
+    # sin-cos needs hidden % 4 (two axes, sin and cos); RoPE does not look at hidden % 4, only at the head dim.
+    with pytest.raises(DitlabError, match="sincos needs hidden_size divisible by 4"):
+        _check_options(**_options(hidden_size=18, num_heads=2))
+    # A 3-D grid rotates 3 axes: head dim 6 works, and hidden 6 (not divisible by 4) is no concern of RoPE's.
+    _check_options(**_options(hidden_size=6, num_heads=1, pos_embed="rope", token_layout="3d"))

@@ -396,3 +396,15 @@ def test_norms_carry_their_own_affine_exactly_when_nothing_modulates_them(condit
     if conditioning == "cross_attn":
         assert block.norm_cross.weight is not None and block.norm_cross.bias is not None
         assert hasattr(block.cross_attn, "q_norm") and hasattr(block.cross_attn, "k_norm")  # qk_norm reaches it
+
+
+def test_the_step_size_embedder_starts_like_the_timestep_embedder():
+    """Both MLPs' weights N(0, 0.02) as the official t_embedder (not the xavier init every other Linear gets)."""
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=1, num_heads=2, step_size_cond=True)
+    for name in ("t_embedder", "d_embedder"):
+        for i in (0, 2):
+            w = getattr(model, name).mlp[i].weight.detach().double()
+            # The sample std of n normal draws has a relative standard error 1/sqrt(2n); allow 6 of them.
+            # (xavier_uniform here would give std sqrt(2 / (fan_in + fan_out)) >= 0.072.)
+            assert abs(w.std().item() / 0.02 - 1) < 6 / (2 * w.numel()) ** 0.5, (name, i, w.std().item())

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ditlab.cli import main
 from ditlab.config import Config, ModelConfig, load_config
@@ -202,3 +204,104 @@ def test_config_file_builds():
     m = build_model(cfg)
     assert isinstance(m, UNet) and m.input_size == cfg.model.input_size == 28
     assert isinstance(cfg, Config) and isinstance(cfg.model, ModelConfig)
+
+
+# ---- each block against its definition, composed by hand on weights moved off their zero init ----
+
+
+def test_group_norm_takes_the_largest_divisor_of_the_width_up_to_32():
+    from ditlab.models.unet import group_norm
+
+    assert [group_norm(c).num_groups for c in (16, 24, 48, 64, 96, 7)] == [16, 8, 16, 32, 32, 1]
+
+
+@pytest.mark.parametrize("in_ch, out_ch", [(8, 16), (16, 16)])
+def test_resblock_is_adm_scale_shift_composed_by_hand(in_ch, out_ch):
+    """out = skip(x) + conv2(SiLU(GN(conv1(SiLU(GN(x)))) * (1 + scale) + shift)), [scale, shift] = Linear(SiLU(emb))."""
+    from ditlab.models.unet import ResBlock
+
+    torch.manual_seed(0)
+    blk = perturb(ResBlock(in_ch, out_ch, emb_dim=12, dropout=0.0)).eval()
+    x, emb = torch.randn(3, in_ch, 6, 6), torch.randn(3, 12)
+    gn1, conv1 = blk.in_layers[0], blk.in_layers[2]
+    linear, gn2, conv2 = blk.emb_layers[1], blk.out_norm, blk.out_layers[2]
+    with torch.no_grad():
+        h = F.conv2d(F.silu(F.group_norm(x, math.gcd(32, in_ch), gn1.weight, gn1.bias)), conv1.weight, conv1.bias, padding=1)
+        e = F.linear(F.silu(emb), linear.weight, linear.bias)
+        scale, shift = e[:, :out_ch, None, None], e[:, out_ch:, None, None]
+        h = F.group_norm(h, math.gcd(32, out_ch), gn2.weight, gn2.bias) * (1 + scale) + shift
+        skip = x if in_ch == out_ch else F.conv2d(x, blk.skip.weight, blk.skip.bias)
+        expected = skip + F.conv2d(F.silu(h), conv2.weight, conv2.bias, padding=1)
+        torch.testing.assert_close(blk(x, emb), expected, rtol=0, atol=0)
+    assert isinstance(blk.skip, torch.nn.Identity) == (in_ch == out_ch)
+
+
+def test_attention_block_is_multi_head_softmax_attention_against_a_float64_loop():
+    from ditlab.models.unet import AttentionBlock
+
+    torch.manual_seed(0)
+    c, heads, hw = 128, 2, 5  # 64 channels per head
+    blk = perturb(AttentionBlock(c)).eval()
+    assert blk.num_heads == heads and blk.norm.num_groups == 32
+    x = torch.randn(2, c, hw, hw)
+    with torch.no_grad():
+        got = blk(x)
+        xd = x.double()
+        n = F.group_norm(xd, 32, blk.norm.weight.double(), blk.norm.bias.double())
+        qkv = F.conv2d(n, blk.qkv.weight.double(), blk.qkv.bias.double()).flatten(2)  # [B, 3C, HW]
+        d = c // heads
+        out = torch.zeros(2, c, hw * hw, dtype=torch.float64)
+        for b in range(2):
+            for h in range(heads):
+                q, k, v = (qkv[b, part * c + h * d: part * c + (h + 1) * d] for part in range(3))  # [d, HW]
+                weights = torch.softmax(q.T @ k / math.sqrt(d), dim=-1)  # [HW queries, HW keys]
+                out[b, h * d:(h + 1) * d] = (weights @ v.T).T
+        expected = xd + F.conv2d(out.reshape(2, c, hw, hw), blk.proj.weight.double(), blk.proj.bias.double())
+    # float32 against float64: sums of at most 3C = 384 terms of O(1) values, relative error ~ K u.
+    err = (got.double() - expected).abs().max().item()
+    assert err <= 384 * torch.finfo(torch.float32).eps * expected.abs().max().item(), err
+
+
+def test_down_and_upsampling_are_a_stride_2_conv_and_nearest_then_conv():
+    from ditlab.models.unet import Downsample, Upsample
+
+    torch.manual_seed(0)
+    down, up = Downsample(4), Upsample(4)
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(down(x), F.conv2d(x, down.conv.weight, down.conv.bias, stride=2, padding=1), rtol=0, atol=0)
+        nearest = x.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)
+        torch.testing.assert_close(up(x), F.conv2d(nearest, up.conv.weight, up.conv.bias, padding=1), rtol=0, atol=0)
+    assert down(x).shape == (2, 4, 3, 3) and up(x).shape == (2, 4, 12, 12)
+
+
+def test_unet_wiring_skips_last_in_first_out_and_one_conditioning_vector_for_every_block():
+    """The up path eats the down path's outputs in reverse order, each concatenated after the
+    running features; every residual block gets emb = t_emb + y_emb (+ dt_emb); the head is
+    GN -> SiLU -> conv of the last up stage's output."""
+    from ditlab.models.unet import ResBlock
+
+    m = perturb(tiny(num_res_blocks=2, step_size_cond=True)).eval()
+    x, t, y = inputs()
+    dt = torch.full((4,), 0.125)
+    stem, downs, ups, embs = [], [], [], []
+    hooks = [m.input_conv.register_forward_hook(lambda mod, i, o: stem.append(o))]
+    hooks += [s.register_forward_hook(lambda mod, i, o: downs.append(o)) for s in m.down]
+    hooks += [m.middle.register_forward_hook(lambda mod, i, o: downs.append(o))]
+    hooks += [s.register_forward_hook(lambda mod, i, o: ups.append((i[0], o))) for s in m.up]
+    hooks += [b.register_forward_pre_hook(lambda mod, i: embs.append(i[1])) for b in m.modules() if isinstance(b, ResBlock)]
+    with torch.no_grad():
+        out = m(x, t, y, dt=dt)
+        emb = m.t_embedder(t) + m.y_embedder(y, False) + m.dt_embedder(dt)
+        g = m.out[0]
+        head = F.conv2d(F.silu(F.group_norm(ups[-1][1], g.num_groups, g.weight, g.bias)), m.out[2].weight, m.out[2].bias, padding=1)
+    for h in hooks:
+        h.remove()
+    skips = stem + downs[:-1]  # the middle's output is the running features, not a skip
+    assert len(ups) == len(skips) == 3 * 3
+    running = downs[-1]
+    for (stage_in, stage_out), skip in zip(ups, reversed(skips)):
+        torch.testing.assert_close(stage_in, torch.cat([running, skip], dim=1), rtol=0, atol=0)
+        running = stage_out
+    assert embs and all(torch.equal(e, emb) for e in embs)
+    torch.testing.assert_close(out, head, rtol=0, atol=0)
