@@ -305,3 +305,91 @@ def test_unet_wiring_skips_last_in_first_out_and_one_conditioning_vector_for_eve
         running = stage_out
     assert embs and all(torch.equal(e, emb) for e in embs)
     torch.testing.assert_close(out, head, rtol=0, atol=0)
+
+
+def test_direct_construction_and_the_config_build_the_same_u_net():
+    """UNet()'s defaults are ModelConfig's unet_* defaults (ADM: emb dim 4 x channels, t frequencies
+    = channels), and every config field reaches the model."""
+    from ditlab.models.layers import LabelEmbedder
+
+    direct, built = UNet(), UNet.from_config(ModelConfig(name="unet"), learn_sigma=False, step_size_cond=False)
+    assert {k: v.shape for k, v in direct.state_dict().items()} == {k: v.shape for k, v in built.state_dict().items()}
+    assert (direct.input_size, direct.in_channels, direct.num_classes, direct.grad_checkpointing) == (28, 1, 10, False)
+    assert direct.y_embedder.dropout_prob == 0.1 and isinstance(direct.y_embedder, LabelEmbedder)
+    assert direct.t_embedder.mlp[0].in_features == 64 and direct.t_embedder.mlp[0].out_features == 4 * 64
+    assert len([b for b in direct.down if type(b[0]).__name__ == "ResBlock"]) == 3 * 2
+    m = ModelConfig(name="unet", input_size=16, in_channels=3, unet_channels=8, unet_channel_mult=[1, 2],
+                    unet_num_res_blocks=1, unet_attn_resolutions=[8], unet_dropout=0.25, num_classes=4,
+                    class_dropout_prob=0.5, class_encoding="onehot", grad_checkpointing=True)
+    net = UNet.from_config(m, learn_sigma=True, step_size_cond=True)
+    assert (net.input_size, net.in_channels, net.out_channels, net.num_classes, net.grad_checkpointing) == (16, 3, 6, 4, True)
+    assert net.input_conv.out_channels == 8 and net.t_embedder.mlp[0].in_features == 8 and net.dt_embedder.mlp[0].in_features == 8
+    assert len(net.down) == 2 + 1 and net.y_embedder.dropout_prob == 0.5
+    assert [mod.p for mod in net.modules() if isinstance(mod, torch.nn.Dropout)] == [0.25] * (2 + 2 + 2 * 2)  # down, middle, up
+    assert type(net.y_embedder).__name__ == "OneHotLabelEmbedder"
+    assert UNet(num_classes=1).y_embedder is not None and UNet(num_classes=0).y_embedder is None
+
+
+def test_gradient_checkpointing_runs_only_when_training_with_gradients(monkeypatch):
+    import ditlab.models.unet as unet_module
+
+    calls = []
+
+    def counting_checkpoint(fn, *args, **kwargs):
+        calls.append(kwargs)
+        return torch.utils.checkpoint.checkpoint(fn, *args, **kwargs)
+
+    monkeypatch.setattr(unet_module, "checkpoint", counting_checkpoint)
+    x, t, y = inputs(b=2)
+    for ckpt, train, grad in [(True, True, True), (False, True, True), (True, False, True), (True, True, False)]:
+        calls.clear()
+        m = tiny(grad_checkpointing=ckpt, class_dropout_prob=0.0).train(train)
+        with torch.set_grad_enabled(grad):
+            m(x, t, y)
+        stages = len(m.down) + 1 + len(m.up)
+        assert len(calls) == (stages if ckpt and train and grad else 0), (ckpt, train, grad)
+        assert all(c == {"use_reentrant": False} for c in calls)
+
+
+def test_labels_are_dropped_in_training_and_by_force_drop_ids():
+    m = perturb(tiny(class_dropout_prob=1.0))
+    x, t, y = inputs()
+    null = torch.full_like(y, 10)
+    with torch.no_grad():
+        unconditional = m.eval()(x, t, null)
+        torch.testing.assert_close(m.train()(x, t, y), unconditional, rtol=0, atol=0)  # every label dropped
+        m.eval()
+        torch.testing.assert_close(m(x, t, y, force_drop_ids=torch.ones_like(y)), unconditional, rtol=0, atol=0)
+        assert not torch.allclose(m(x, t, y), unconditional)
+
+
+def test_forward_with_cfg_passes_the_step_size_on():
+    m = perturb(tiny(step_size_cond=True)).eval()
+    x, t, y = inputs()
+    dt = torch.full((4,), 0.5)
+    with torch.no_grad():
+        guided = m.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 10)]), 2.0,
+                                    dt=torch.cat([dt, dt]))
+        cond, uncond = m(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 10)]), dt=torch.cat([dt, dt])).chunk(2)
+    torch.testing.assert_close(guided[:4], uncond + 2.0 * (cond - uncond), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["input_size", "in_channels", "model_channels", "num_res_blocks"])
+def test_each_size_alone_must_be_positive_and_one_is_enough(name):
+    base = dict(input_size=8, in_channels=1, model_channels=8, channel_mult=[1], num_res_blocks=1, attn_resolutions=[])
+    UNet(**{**base, name: 1})
+    with pytest.raises(DitlabError, match="must be positive"):
+        UNet(**{**base, name: 0})
+
+
+def test_level_count_bounds_the_input_size_and_dropout_stays_below_one():
+    # Four levels halve three times: 12 is not divisible by 8 (though it is by 2 x 3).
+    with pytest.raises(DitlabError, match="not divisible by 8"):
+        UNet(input_size=12, model_channels=8, channel_mult=[1, 1, 1, 1], attn_resolutions=[])
+    UNet(input_size=16, model_channels=8, channel_mult=[1, 1, 1, 1], attn_resolutions=[2])
+    with pytest.raises(DitlabError, match="unet_dropout"):
+        UNet(model_channels=8, dropout=1.0)
+    from ditlab.models.unet import AttentionBlock, Downsample
+
+    assert AttentionBlock(32).num_heads == 1 and AttentionBlock(192).num_heads == 3  # 64 channels per head, at least one
+    assert Downsample(4).conv.kernel_size == (3, 3)  # ADM: a 3x3 stride-2 conv
