@@ -164,3 +164,26 @@ def test_ema_defaults_and_frozen_copy():
     with torch.no_grad():
         model.weight.add_(1.0)
     assert not torch.equal(ema.model.weight, model.weight)
+
+
+def test_train_result_reports_the_run_as_it_happened(tmp_path):
+    """The TrainResult of a finished run: why it stopped, where its checkpoint is, its speed, and the
+    logged loss as the mean over accumulation micro-batches (never their sum or difference)."""
+    out = tmp_path / "run"
+    cfg = load_config(None, tiny(out, "train.steps=3", "train.ckpt_every=2", "train.log_every=1", "train.grad_accum=2",
+                                 "optim.batch_size=8"))
+    result = Trainer(cfg).train(final_samples=False)
+    assert (result.run_dir, result.step, result.stopped, result.signal) == (out, 3, "steps", None)
+    assert result.checkpoint == out / "checkpoints" / "step_0000003" and result.checkpoint.is_dir()
+    assert result.images_per_s == pytest.approx(3 * 8 / result.elapsed_s, rel=1e-12)
+    assert result.bytes_per_s is None and 0 < result.elapsed_s < 600
+    with open(out / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert float(rows[-1]["loss"]) == pytest.approx(result.last_loss) and result.last_loss > 0
+    # A checkpoint saved at the last step is reported, not saved twice.
+    again = Trainer(load_config(None, tiny(tmp_path / "run2", "train.steps=2", "train.ckpt_every=2"))).train(final_samples=False)
+    assert again.checkpoint == tmp_path / "run2" / "checkpoints" / "step_0000002"
+    # A time budget of zero stops after the first step, and says so.
+    budget = Trainer(load_config(None, tiny(tmp_path / "run3", "train.steps=5", "train.time_budget_s=0"))).train(final_samples=False)
+    assert (budget.step, budget.stopped) == (1, "time_budget")

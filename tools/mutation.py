@@ -7,7 +7,7 @@
     python tools/mutation.py objectives/flow.py --only '*ǁsample__mutmut_1*'   # some mutants (fnmatch on mutmut's names)
 
 Each module is mutated in a scratch copy of the repository (src/, tests/, benchmarks/,
-pyproject.toml) under $DITLAB_MUTATION_DIR (default /tmp/ditlab-mutation/<module>), never in the
+configs/, pyproject.toml) under $DITLAB_MUTATION_DIR (default /tmp/ditlab-mutation/<module>), never in the
 work tree, with its own focused test subset so that a run takes minutes: mutmut records which of
 those tests call each function, and runs only them, fastest first, against each mutant of it.
 The scratch copy keeps mutmut's state: run again to resume, `--fresh` to start over.
@@ -65,8 +65,8 @@ MODULES: dict[str, tuple[list[str], str | None]] = {
     # tests that start other processes (locks, signals, gloo ranks) would import the unmutated package
     "train/trainer.py": (["tests/test_train.py", "tests/test_train_schedules.py", "tests/test_train_validation.py",
                           "tests/test_train_compute.py", "tests/test_reliability.py", "tests/test_lm_train.py"],
-                         "not locked and not holder and not signal and not sigterm and not gloo"),
-    "models/unet.py": (["tests/test_unet.py"], "not test_bad_config_through_cli and not test_config_file_builds"),  # no configs/ in the scratch copy
+                         "not locked and not holder and not signal and not sigterm and not gloo and not repo_quickstart_config"),
+    "models/unet.py": (["tests/test_unet.py"], "not test_bad_config_through_cli"),
     **{module: (["tests/test_dit.py", "tests/test_dit_ablations.py", "tests/test_dit_variants.py", "tests/test_layers.py",
                  "tests/test_official_fixtures.py", "tests/test_layout_compat.py"], None)
        for module in ("models/dit.py", "models/layers.py")},
@@ -133,7 +133,7 @@ def prepare(module: str, fresh: bool) -> Path:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "runs", "*.pyc")
-    for name in ("src", "tests", "benchmarks"):
+    for name in ("src", "tests", "benchmarks", "configs"):
         shutil.rmtree(work / name, ignore_errors=True)
         shutil.copytree(ROOT / name, work / name, ignore=ignore)
     shutil.copy(ROOT / "pyproject.toml", work / "pyproject.toml")
@@ -144,7 +144,8 @@ def prepare(module: str, fresh: bool) -> Path:
         "source_paths = src/ditlab",
         f"only_mutate = src/ditlab/{module}",
         "process_isolation = forkserver",  # torch is not fork-safe once it has run in the parent
-        "also_copy =", "    benchmarks",  # the official-fixture tests import benchmarks/make_official_fixtures.py
+        # the official-fixture tests import benchmarks/make_official_fixtures.py; config tests read configs/
+        "also_copy =", "    benchmarks", "    configs",
         "pytest_add_cli_args_test_selection =", *(f"    {t}" for t in tests),
         "pytest_add_cli_args =", *(f"    {a}" for a in args),
         "do_not_mutate_patterns =", *(f"    {p}" for p in DO_NOT_MUTATE),
