@@ -401,7 +401,7 @@ def test_norms_carry_their_own_affine_exactly_when_nothing_modulates_them(condit
 def test_the_step_size_embedder_starts_like_the_timestep_embedder():
     """Both MLPs' weights N(0, 0.02) as the official t_embedder (not the xavier init every other Linear gets)."""
     torch.manual_seed(0)
-    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=1, num_heads=2, step_size_cond=True)
+    model = DiT(**{**TINY, "hidden_size": 64}, step_size_cond=True)
     for name in ("t_embedder", "d_embedder"):
         for i in (0, 2):
             w = getattr(model, name).mlp[i].weight.detach().double()
@@ -418,28 +418,22 @@ def test_the_constructors_defaults_are_the_official_dit_xl_2():
     assert sum(p.numel() for p in model.parameters()) == 675_129_632
     assert (model.input_size, model.patch_size, model.in_channels, model.out_channels, model.num_heads) == (32, 2, 4, 8, 16)
     assert model.num_classes == 1000 and model.y_embedder.dropout_prob == 0.1
-    assert model.learn_sigma is True and DiT(input_size=8, hidden_size=32, depth=1, num_heads=2, learn_sigma=False).learn_sigma is False
+    assert model.learn_sigma is True and DiT(**TINY, learn_sigma=False).learn_sigma is False
     assert model.grad_checkpointing is False and len(model.blocks) == 28
 
 
 def test_rope_default_base_is_10000():
-    torch.manual_seed(0)
-    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, pos_embed="rope")
-    torch.manual_seed(0)
-    explicit = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, pos_embed="rope",
-                   rope_base=10000.0)
-    assert all(torch.equal(a, b) for a, b in zip(model.rope.buffers(), explicit.rope.buffers()))
-    torch.manual_seed(0)
-    other = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, pos_embed="rope",
-                rope_base=10001.0)
-    assert not all(torch.equal(a, b) for a, b in zip(model.rope.buffers(), other.rope.buffers()))
+    def table(**kw) -> torch.Tensor:
+        return DiT(**TINY, pos_embed="rope", **kw).rope.cos
+
+    assert torch.equal(table(), table(rope_base=10000.0)) and not torch.equal(table(), table(rope_base=10001.0))
 
 
 @pytest.mark.parametrize("norm, kind", [("layernorm", torch.nn.LayerNorm), ("rmsnorm", torch.nn.RMSNorm), ("dyt", None)])
 def test_every_norm_of_the_model_is_the_configured_kind(norm, kind):
     from ditlab.models.layers import DyT
 
-    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, norm=norm)
+    model = DiT(**TINY, norm=norm)
     kind = kind or DyT
     norms = [blk.norm1 for blk in model.blocks] + [blk.norm2 for blk in model.blocks] + [model.final_layer.norm_final]
     assert all(type(n) is kind for n in norms), [type(n).__name__ for n in norms]
@@ -449,14 +443,13 @@ def test_in_context_rope_with_a_step_size_rotates_three_condition_tokens():
     """In-context conditioning prepends t, y and dt as tokens: RoPE must cover 3 extra tokens (2 without dt)."""
     torch.manual_seed(0)
     for step_size_cond, extra in ((True, 3), (False, 2)):
-        model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2,
-                    conditioning="in_context", pos_embed="rope", step_size_cond=step_size_cond, learn_sigma=False)
+        model = DiT(**TINY, conditioning="in_context", pos_embed="rope", step_size_cond=step_size_cond, learn_sigma=False)
         assert model.rope.cos.shape[0] == (8 // 2) ** 2 + extra  # a row per token, condition tokens unrotated
-        x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2])
+        x, t, y = torch.randn(2, 2, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2])
         out = model(x, t, y, dt=torch.tensor([0.5, 0.25]) if step_size_cond else None)
-        assert out.shape == (2, 1, 8, 8)
+        assert out.shape == (2, 2, 8, 8)
 
 
 def test_token_dim_is_checked_through_the_constructor():
     with pytest.raises(DitlabError, match="token_dim must be >= 1"):
-        DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, token_dim=0)
+        DiT(**TINY, token_dim=0)

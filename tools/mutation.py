@@ -62,7 +62,8 @@ MODULES: dict[str, tuple[list[str], str | None]] = {
     "train/checkpoint.py": (["tests/test_checkpoint.py", "tests/test_reliability.py"],
                             "not locked and not holder and not signal and not progress and not sample_writes"),
     "eval/metrics.py": (["tests/test_eval_metrics.py", "tests/test_eval_wiring.py", "tests/test_eval_command.py"], None),
-    # tests that start other processes (locks, signals, gloo ranks) would import the unmutated package
+    # tests that start other processes (locks, signals, gloo ranks) would import the unmutated package;
+    # configs/quickstart.yaml is a symlink, which mutmut's copy of configs/ replaces by a file
     "train/trainer.py": (["tests/test_train.py", "tests/test_train_schedules.py", "tests/test_train_validation.py",
                           "tests/test_train_compute.py", "tests/test_reliability.py", "tests/test_lm_train.py"],
                          "not locked and not holder and not signal and not sigterm and not gloo and not repo_quickstart_config"),
