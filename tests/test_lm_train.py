@@ -144,6 +144,19 @@ def test_cosine_schedule_sets_the_closed_form_lr(tmp_path, corpus):
     assert all(logged[n] == seen[n - 1] for n in logged)
 
 
+def test_lm_runs_count_their_speed_in_bytes(tmp_path, corpus):
+    """batch x lm_seq_len bytes per step: exact in the result; in the log a rate over the last window only,
+    held to the same order of magnitude (batch / lm_seq_len instead would be 256x off here)."""
+    cfg = load_config(str(ROOT / "configs" / "lm_gcide.yaml"),
+                      lm_args(tmp_path / "run", corpus, "train.steps=4", "train.ckpt_every=0"))
+    result = Trainer(cfg).train(final_samples=False)
+    assert result.bytes_per_s == pytest.approx(result.images_per_s * 16, rel=1e-12)
+    assert result.images_per_s == pytest.approx(4 * 4 / result.elapsed_s, rel=1e-12)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
+    assert "img_per_s" not in rows[0]
+    assert 1 / 16 < float(rows[-1]["bytes_per_s"]) / result.bytes_per_s < 16
+
+
 def test_image_runs_keep_the_constant_schedule_and_grids(tmp_path):
     """The default schedule is the old one (linear warm-up, then constant), and an image run
     still checks its data, logs img/s and writes PNG grids."""

@@ -106,3 +106,20 @@ def test_accounting_leaves_training_bit_identical(tmp_path, monkeypatch, counter
     t.train(final_samples=False)
     weights = load_file(tmp_path / "run" / "checkpoints" / "step_0000002" / "ema.safetensors")
     assert weights.keys() == ref_weights.keys() and all(torch.equal(weights[k], ref_weights[k]) for k in weights)
+
+
+def test_a_model_the_counter_cannot_trace_trains_uncounted(tmp_path, monkeypatch):
+    def untraceable(c):
+        torch.rand(3)  # a draw before failing: the RNGs must still be restored
+        raise RuntimeError("no meta kernel")
+
+    monkeypatch.setattr(trainer_module, "measure_flops", lambda c: {"gflops": 1.0})
+    Trainer(cfg(tmp_path / "ref", "train.steps=2"))
+    ref_rng = global_rng()
+    monkeypatch.setattr(trainer_module, "measure_flops", untraceable)
+    with pytest.warns(UserWarning, match="training compute not counted: RuntimeError: no meta kernel"):
+        t = Trainer(cfg(tmp_path / "run", "train.steps=2", "train.ckpt_every=2"))
+    assert same_rng(global_rng(), ref_rng)
+    result = t.train(final_samples=False)
+    assert (result.step, result.fwd_gflops, result.train_gflops) == (2, None, None)
+    assert "train_gflops" not in last_row(tmp_path / "run") and state(tmp_path / "run", 2)["train_gflops"] is None

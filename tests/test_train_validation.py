@@ -141,8 +141,8 @@ QUICK = ["--budget", "30", "--threads", "1", "model.hidden_size=32", "model.dept
 
 def test_quickstart_rerun_needs_resume(tmp_path, capsys):
     out = tmp_path / "qs"
-    assert main(["quickstart", "--out", str(out), *QUICK, "train.steps=1"]) == 0
-    capsys.readouterr()
+    assert main(["quickstart", "--out", str(out), *QUICK[2:], "train.steps=1", "train.time_budget_s=null"]) == 0
+    assert "images until step 1 on" in capsys.readouterr().out  # no time budget: the step count bounds the run
     assert main(["quickstart", "--out", str(out), *QUICK, "train.steps=2"]) == 2
     err = _one_line_error(capsys)
     assert "already holds checkpoints" in err and "--resume" in err and "--out" in err

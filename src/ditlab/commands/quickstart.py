@@ -110,9 +110,11 @@ def _train_and_sample(args: argparse.Namespace, cfg: Config, t0: float, adapt_th
     trainer = Trainer(cfg, resume=args.resume, device=args.device, adapt_threads=adapt_threads)
     if trainer.raw.num_classes == 0:
         raise DitlabError("quickstart draws one row per class: model.num_classes must be > 0")
+    budget = cfg.train.time_budget_s
+    limit = f"for up to {budget:.0f} s" if budget is not None else f"until step {cfg.train.steps}"
     print(f"quickstart: training {cfg.model.name} (hidden {cfg.model.hidden_size}, depth {cfg.model.depth}, "
-          f"patch {cfg.model.patch_size}) with {cfg.objective.kind} matching on {len(trainer.dataset)} MNIST "
-          f"images for up to {cfg.train.time_budget_s:.0f} s on {torch.get_num_threads()} CPU thread(s)"
+          f"patch {cfg.model.patch_size}) with the {cfg.objective.kind} objective on {len(trainer.dataset)} "
+          f"{cfg.data.source} images {limit} on {torch.get_num_threads()} CPU thread(s)"
           f"{' (following the load)' if trainer.thread_tuner else ''} ...", flush=True)
     result = trainer.train(final_samples=False)  # the class grid below replaces the run's last grid
     if trainer.thread_tuner and trainer.thread_tuner.changes:

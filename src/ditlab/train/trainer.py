@@ -76,7 +76,7 @@ def forward_gflops(cfg: Config) -> float | None:
     try:
         return float(measure_flops(cfg)["gflops"])
     except Exception as e:
-        warnings.warn(f"training compute not counted: {type(e).__name__}: {e}", stacklevel=2)
+        warnings.warn(f"training compute not counted: {type(e).__name__}: {e}")
         return None
     finally:
         set_rng_state(saved)
@@ -247,7 +247,7 @@ class Trainer:
                                       f"saving ({ckpt.last_good(self.run_dir, self.step)}); try a lower optim.lr or set optim.grad_clip")
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                self.ema.update(self.model if t.fsdp else self.raw)
+                self.ema.update(self.raw)  # under FSDP (use_orig_params) these are the wrapper's own shard views
                 self.step += 1
                 if self.thread_tuner is not None and self.thread_tuner.after_step() != torch.get_num_threads():
                     torch.set_num_threads(self.thread_tuner.threads)
