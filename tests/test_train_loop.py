@@ -40,7 +40,7 @@ def _grids(run: Path) -> list[str]:
     return sorted(p.name for p in (run / "samples").glob("*.png")) if (run / "samples").is_dir() else []
 
 
-def test_a_stop_signal_saves_the_step_it_ended_and_samples_nothing(tmp_path):
+def test_a_stop_request_saves_the_step_it_ended_and_samples_nothing(tmp_path):
     run = tmp_path / "run"
     trainer = Trainer(load_config(None, tiny(run, "train.steps=50", "train.ckpt_every=0")))
     samples = _count_samples(trainer)
@@ -218,7 +218,7 @@ class _WorkerSignalProbe(torch.utils.data.Dataset):
         return torch.tensor(float(ignored)), torch.tensor(0)
 
 
-def test_data_workers_leave_stop_signals_to_the_main_process(tmp_path):
+def test_data_workers_leave_stopping_to_the_main_process(tmp_path):
     """Ctrl-C reaches the whole process group: a worker that died of it would crash the step."""
     trainer = Trainer(load_config(None, tiny(tmp_path / "run", "train.steps=1", "data.num_workers=1")))
     trainer.dataset = _WorkerSignalProbe(len(trainer.dataset))

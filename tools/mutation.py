@@ -68,7 +68,7 @@ MODULES: dict[str, tuple[list[str], str | None]] = {
                           "tests/test_train_compute.py", "tests/test_reliability.py", "tests/test_lm_train.py",
                           "tests/test_train_loop.py", "tests/test_threads.py", "tests/test_data.py",
                           "tests/test_tokenizers.py"],
-                         "not locked and not holder and not signal and not sigterm and not gloo and not repo_quickstart_config"),
+                         "not locked and not holder and not ranks_agree and not sigterm and not gloo and not repo_quickstart_config"),
     "models/unet.py": (["tests/test_unet.py"], "not test_bad_config_through_cli"),
     **{module: (["tests/test_dit.py", "tests/test_dit_ablations.py", "tests/test_dit_variants.py", "tests/test_layers.py",
                  "tests/test_official_fixtures.py", "tests/test_layout_compat.py"], None)
