@@ -194,6 +194,21 @@ def test_quickstart_cli_writes_class_grid_and_npz(tmp_path, capsys):
         assert f["labels"].tolist() == [c for c in range(10) for _ in range(10)]  # row = class
     assert Image.open(out / "quickstart_grid.png").size == (10 * 30 + 2, 10 * 30 + 2)
     assert (out / "checkpoints" / "latest").is_file() and load_config(out / "config.yaml").objective.kind == "flow"
+    # A model trained for half a second draws no recognisable digit: both probes fail, the grid takes 5.
+    assert "guidance 2: the classifier recognises" in text and "guidance 3: the classifier recognises" in text
+    assert "sampled at guidance 5 in" in text and f"--ckpt {out} --cfg-scale 5" in text
+    assert load_config(out / "config.yaml").sample.cfg_scale == 5.0
+
+
+def test_quickstart_explicit_guidance_skips_the_probe(tmp_path, capsys):
+    out = tmp_path / "qs"
+    rc = main(["quickstart", "--out", str(out), "--threads", "1", "model.hidden_size=32", "model.depth=1",
+               "model.num_heads=2", "sample.steps=2", "train.steps=1", "train.time_budget_s=null",
+               "train.tensorboard=false", "train.progress=false", "sample.cfg_scale=1.5"])
+    assert rc == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "probe" not in text and "sampled at guidance 1.5 in" in text
+    assert load_config(out / "config.yaml").sample.cfg_scale == 1.5
 
 
 def test_data_workers_do_not_change_the_run(tmp_path):

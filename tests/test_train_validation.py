@@ -171,3 +171,35 @@ def test_quickstart_threads_follow_current_cpu_use():
     finally:
         spinner.kill()
         spinner.wait()
+
+
+@pytest.mark.parametrize("recognised, chosen, probed", [
+    ({2.0: 1.0}, 2.0, [2.0]),
+    ({2.0: 0.98, 3.0: 0.99}, 3.0, [2.0, 3.0]),  # 99% is enough
+    ({2.0: 0.5, 3.0: 0.9}, 5.0, [2.0, 3.0]),  # the largest scale is taken without a probe
+])
+def test_quickstart_guidance_is_the_smallest_the_classifier_accepts(monkeypatch, recognised, chosen, probed):
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from ditlab.commands import quickstart
+
+    seen = []
+
+    def fake_generate(run, labels, *, cfg_scale, seed):
+        assert seed == 1
+        seen.append(cfg_scale)
+        return np.full((len(labels), 28, 28, 1), cfg_scale), labels
+
+    monkeypatch.setattr(quickstart, "generate", fake_generate)
+    monkeypatch.setattr(quickstart, "class_accuracy", lambda images, labels, dataset: recognised[float(images[0, 0, 0, 0])])
+    run = SimpleNamespace(cfg=load_config(quickstart.quickstart_config_path()))
+    assert quickstart.choose_guidance(run, np.arange(10).repeat(10), seed=1) == chosen
+    assert seen == probed
+
+    def no_classifier(images, labels, dataset):
+        raise DitlabError("classifier weights missing")
+
+    monkeypatch.setattr(quickstart, "class_accuracy", no_classifier)
+    assert quickstart.choose_guidance(run, np.arange(10), seed=1) == run.cfg.sample.cfg_scale == 5.0
