@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from ditlab.config import load_config, save_config
 from ditlab.errors import DitlabError
 from ditlab.train.order import mix_seed
+from ditlab.train.stop import STOP_SIGNALS
 from ditlab.train.trainer import Trainer
 
 from test_train import tiny
@@ -52,11 +53,12 @@ def test_a_stop_request_saves_the_step_it_ended_and_samples_nothing(tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)
 
     trainer.ema.update = signalled_after_two
+    handler = signal.getsignal(signal.SIGTERM)
     result = trainer.train(final_samples=True)
     assert (result.step, result.stopped, result.signal) == (2, "signal", signal.SIGTERM)
     assert result.checkpoint == run / "checkpoints" / "step_0000002" and result.checkpoint.is_dir()
     assert samples == [] and _grids(run) == []  # a stopped run writes no final grid
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is given back
+    assert signal.getsignal(signal.SIGTERM) is handler  # the handler is given back
 
 
 def test_a_budget_not_yet_spent_runs_every_step(tmp_path):
@@ -212,8 +214,6 @@ class _WorkerSignalProbe(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i: int):
-        from ditlab.train.stop import STOP_SIGNALS
-
         ignored = all(signal.getsignal(s) == signal.SIG_IGN for s in STOP_SIGNALS)
         return torch.tensor(float(ignored)), torch.tensor(0)
 
@@ -222,6 +222,7 @@ def test_data_workers_leave_stopping_to_the_main_process(tmp_path):
     """Ctrl-C reaches the whole process group: a worker that died of it would crash the step."""
     trainer = Trainer(load_config(None, tiny(tmp_path / "run", "train.steps=1", "data.num_workers=1")))
     trainer.dataset = _WorkerSignalProbe(len(trainer.dataset))
+    handlers = [signal.getsignal(s) for s in STOP_SIGNALS]
     ignored, _ = next(iter(trainer._loader(1)))
     assert ignored.tolist() == [1.0] * 8
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the main process keeps its handler
+    assert [signal.getsignal(s) for s in STOP_SIGNALS] == handlers  # the main process keeps its handlers
