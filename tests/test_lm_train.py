@@ -152,6 +152,7 @@ def test_lm_runs_count_their_speed_in_bytes(tmp_path, corpus):
     result = Trainer(cfg).train(final_samples=False)
     assert result.bytes_per_s == pytest.approx(result.images_per_s * 16, rel=1e-12)
     assert result.images_per_s == pytest.approx(4 * 4 / result.elapsed_s, rel=1e-12)
+    assert result.fwd_gflops is None and result.train_gflops is None  # compute is counted for image models
     rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
     assert "img_per_s" not in rows[0]
     assert 1 / 16 < float(rows[-1]["bytes_per_s"]) / result.bytes_per_s < 16

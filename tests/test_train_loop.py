@@ -24,16 +24,16 @@ from test_train import tiny
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _count_samples(trainer: Trainer) -> list[int]:
-    """Record the step of every sample grid the trainer writes (and still write it)."""
+def _steps_of(trainer: Trainer, method: str) -> list[int]:
+    """The step at each call of `trainer.<method>` (write_samples, save), which still runs."""
     steps: list[int] = []
-    write = trainer.write_samples
+    original = getattr(trainer, method)
 
-    def counted():
+    def recorded():
         steps.append(trainer.step)
-        return write()
+        return original()
 
-    trainer.write_samples = counted
+    setattr(trainer, method, recorded)
     return steps
 
 
@@ -44,7 +44,7 @@ def _grids(run: Path) -> list[str]:
 def test_a_stop_request_saves_the_step_it_ended_and_samples_nothing(tmp_path):
     run = tmp_path / "run"
     trainer = Trainer(load_config(None, tiny(run, "train.steps=50", "train.ckpt_every=0")))
-    samples = _count_samples(trainer)
+    samples = _steps_of(trainer, "write_samples")
     update = trainer.ema.update
 
     def signalled_after_two(model):  # the signal arrives during step 2, as a Ctrl-C would
@@ -80,7 +80,7 @@ def test_samples_every_n_steps_and_once_at_the_end(tmp_path, steps, grids):
     """A grid at each multiple of sample_every, plus the last step's unless it was one of them."""
     run = tmp_path / "run"
     trainer = Trainer(load_config(None, tiny(run, f"train.steps={steps}", "train.sample_every=2")))
-    samples = _count_samples(trainer)
+    samples = _steps_of(trainer, "write_samples")
     trainer.train(final_samples=True)
     assert samples == grids
     assert _grids(run) == [f"step_{s:07d}.png" for s in grids]
@@ -89,7 +89,7 @@ def test_samples_every_n_steps_and_once_at_the_end(tmp_path, steps, grids):
 def test_no_final_samples_when_asked_for_none(tmp_path):
     run = tmp_path / "run"
     trainer = Trainer(load_config(None, tiny(run, "train.steps=3", "train.sample_every=0")))
-    samples = _count_samples(trainer)
+    samples = _steps_of(trainer, "write_samples")
     trainer.train(final_samples=False)
     assert samples == [] and _grids(run) == []
 
@@ -101,7 +101,7 @@ def test_resuming_a_finished_run_saves_and_samples_nothing(tmp_path):
     saved = run / "checkpoints" / "step_0000002"
     stamps = {p.name: p.stat().st_mtime_ns for p in saved.iterdir()}
     again = Trainer(load_config(None, args), resume=True)
-    samples = _count_samples(again)
+    samples = _steps_of(again, "write_samples")
     result = again.train(final_samples=True)
     assert (result.step, result.stopped, result.checkpoint) == (2, "steps", None)
     assert samples == [] and {p.name: p.stat().st_mtime_ns for p in saved.iterdir()} == stamps
@@ -226,3 +226,30 @@ def test_data_workers_leave_stopping_to_the_main_process(tmp_path):
     ignored, _ = next(iter(trainer._loader(1)))
     assert ignored.tolist() == [1.0] * 8
     assert [signal.getsignal(s) for s in STOP_SIGNALS] == handlers  # the main process keeps its handlers
+
+
+def test_a_checkpoint_at_the_last_step_is_written_once(tmp_path):
+    run = tmp_path / "run"
+    trainer = Trainer(load_config(None, tiny(run, "train.steps=4", "train.ckpt_every=2")))
+    saved = _steps_of(trainer, "save")
+    result = trainer.train(final_samples=False)
+    assert saved == [2, 4] and result.checkpoint == run / "checkpoints" / "step_0000004"
+
+
+# ---- what the trainer builds ------------------------------------------------------------------
+
+
+def test_the_optimizer_is_fused_adamw_with_the_configured_settings(tmp_path):
+    trainer = Trainer(load_config(None, tiny(tmp_path / "run", "optim.betas=[0.8,0.95]", "optim.weight_decay=0.01")))
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    assert trainer.optimizer.defaults["fused"] is True  # CPU: the fused kernel, ~3.5x the per-parameter loop
+    group = trainer.optimizer.param_groups[0]
+    assert (group["betas"], group["weight_decay"]) == ((0.8, 0.95), 0.01)
+
+
+def test_compile_wraps_the_model_the_loss_calls(tmp_path):
+    trainer = Trainer(load_config(None, tiny(tmp_path / "run", "train.compile=true")))
+    assert isinstance(trainer.forward_model, torch._dynamo.eval_frame.OptimizedModule)
+    assert trainer.forward_model._orig_mod is trainer.model  # compiled lazily, at its first call
+    plain = Trainer(load_config(None, tiny(tmp_path / "plain")))
+    assert plain.forward_model is plain.model

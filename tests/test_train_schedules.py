@@ -126,21 +126,33 @@ def test_clipping_scales_the_gradients_the_optimizer_sees(watched_run):
         assert after == pytest.approx(CLIP * before / (before + 1e-6), rel=2 * n_max * U32)
 
 
-def test_saved_ema_is_the_decay_schedule_folded_over_the_raw_weights(watched_run):
-    init, raw, ema = watched_run["init"], watched_run["raw"], watched_run["ema"]
-    for name in watched_run["params"]:
+def assert_ema_folds(run: dict, decay_at) -> None:
+    """Each saved EMA equals decay_at(n) * previous + (1 - decay_at(n)) * raw weights of step n."""
+    init, raw, ema = run["init"], run["raw"], run["ema"]
+    for name in run["params"]:
         avg = init[name].double()  # the EMA starts as a copy of the initial model
         scale = max(float(init[name].abs().max()), *(float(r[name].abs().max()) for r in raw))
-        for n in range(STEPS):
-            d = min(DECAY, (1 + n) / (10 + n))
+        for n in range(len(raw)):
+            d = decay_at(n)
             avg = d * avg + (1 - d) * raw[n][name].double()
             err = float((ema[n][name].double() - avg).abs().max())
             assert err <= 3 * (n + 1) * U32 * scale, (name, n, err)
+
+
+def test_saved_ema_is_the_decay_schedule_folded_over_the_raw_weights(watched_run):
+    assert_ema_folds(watched_run, lambda n: min(DECAY, (1 + n) / (10 + n)))
     # ... and the EMA is not the raw weights: the trained weights moved away from their average.
-    last = STEPS - 1
+    raw, ema, last = watched_run["raw"], watched_run["ema"], STEPS - 1
     moved = max(float((ema[last][k].double() - raw[last][k].double()).abs().max()) for k in watched_run["params"])
     scale = max(float(raw[last][k].abs().max()) for k in watched_run["params"])
     assert moved > 100 * 3 * STEPS * U32 * scale  # 100 times the tolerance above
+
+
+@pytest.mark.parametrize("decay, warmup", [(0.15, True), (0.9, False)], ids=["cap-binds", "no-warmup"])
+def test_saved_ema_follows_the_configured_decay_and_warmup(tmp_path, decay, warmup):
+    # 0.15 caps the warm-up (1 + n) / (10 + n) from the second update on; without warm-up, 0.9 throughout.
+    run = watch(tmp_path / "run", "train.steps=3", f"train.ema_decay={decay}", f"train.ema_warmup={str(warmup).lower()}")
+    assert_ema_folds(run, lambda n: min(decay, (1 + n) / (10 + n)) if warmup else decay)
 
 
 def test_ema_defaults_and_frozen_copy():
