@@ -23,6 +23,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# several ranks against one process: the gloo test starts processes, which mutation testing's
+# in-process runs cannot reach (this script puts its planted copy first on their PYTHONPATH)
+GLOO_RANKS = ["tests/test_distributed.py::test_two_gloo_processes_match_one"]
+
 # name: (file under src/ditlab, line text, replacement, tests that must fail)
 BUGS: dict[str, tuple[str, str, str, list[str]]] = {
     "flow_velocity_sign": ("objectives/flow.py", '"velocity": eps - x0', '"velocity": eps + x0',
@@ -83,22 +87,22 @@ BUGS: dict[str, tuple[str, str, str, list[str]]] = {
                                ["tests/test_scaling_study.py"]),
     "patch_pairs_any_gflops": ("experiments/scaling_study.py", "if abs(math.log(best.gflops / fine.gflops)) <= math.log(MATCH):",
                                "if True:", ["tests/test_scaling_study.py"]),
-    # several ranks (the gloo tests start processes, which mutation testing's in-process runs cannot reach)
+    # several ranks (GLOO_RANKS)
     "ddp_never_syncs": ("train/trainer.py", "env.rank * a + i, last=i == a - 1)", "env.rank * a + i, last=False)",
-                        ["tests/test_distributed.py::test_two_gloo_processes_match_one"]),
+                        GLOO_RANKS),
     "log_on_every_rank": ("train/trainer.py", "start_step=self.step) if env.is_main else None",
-                          "start_step=self.step)", ["tests/test_distributed.py::test_two_gloo_processes_match_one"]),
+                          "start_step=self.step)", GLOO_RANKS),
     "ranks_share_micro_seeds": ("train/trainer.py", "env.rank * a + i, last=i == a - 1)", "i, last=i == a - 1)",
-                                ["tests/test_distributed.py::test_two_gloo_processes_match_one"]),
+                                GLOO_RANKS),
     "fsdp_clip_per_shard": ("train/trainer.py", "D.clip_gradients(self.model, cfg.optim.grad_clip, t.fsdp)",
                             "D.clip_gradients(self.model, cfg.optim.grad_clip, False)",
-                            ["tests/test_distributed.py::test_two_gloo_processes_match_one"]),
+                            GLOO_RANKS),
     "fsdp_save_from_raw": ("train/trainer.py", "tuple[dict, dict, dict]:\n        model = self.model if self.cfg.train.fsdp else self.raw",
                            "tuple[dict, dict, dict]:\n        model = self.raw",
-                           ["tests/test_distributed.py::test_two_gloo_processes_match_one"]),
+                           GLOO_RANKS),
     "fsdp_resume_into_raw": ("train/trainer.py", "load_state(step_dir)\n        model = self.model if self.cfg.train.fsdp else self.raw",
                              "load_state(step_dir)\n        model = self.raw",
-                             ["tests/test_distributed.py::test_two_gloo_processes_match_one"]),
+                             GLOO_RANKS),
     "micro_batches_len": ("train/order.py", "return (self.end - self.start) * len(self.micro)",
                           "return (self.end - self.start) // len(self.micro)", ["tests/test_train_order.py"]),
 }
