@@ -170,6 +170,70 @@ def test_delta_rule_does_not_store_a_pair_twice_linear_rule_does():
     assert torch.equal(L2, 2 * L1) and torch.equal(y2, 2 * y1)  # the same pair added again
 
 
+def test_memory_functions_take_any_leading_dims():
+    """[L, d] without batch or head dims: the same memory as the [1, 1, L, d] layout."""
+    torch.manual_seed(1)
+    sigma_k, v = elu_plus_one(torch.randn(3, 4, dtype=torch.float64)), torch.randn(3, 4, dtype=torch.float64)
+    M0, z0 = torch.zeros(4, 4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    for rule in ("linear", "delta"):
+        M, z = memory_update(sigma_k, v, *memory_update(sigma_k, v, M0, z0, rule), rule)
+        M4, z4 = memory_update(sigma_k[None, None], v[None, None], *memory_update(sigma_k[None, None], v[None, None],
+                                                                                  M0[None, None], z0[None, None], rule),
+                               rule)
+        torch.testing.assert_close(M, M4[0, 0], rtol=0, atol=TOL64)
+        torch.testing.assert_close(z, z4[0, 0], rtol=0, atol=TOL64)
+        torch.testing.assert_close(z, 2 * sigma_k.sum(0), rtol=0, atol=TOL64)
+    with pytest.raises(DitlabError, match="unknown memory_update 'hebbian'"):
+        InfiniAttention(8, 2, 4, memory_update="hebbian")
+    assert InfiniAttention(8, 2, 4).update_rule == "linear"
+
+
+def test_memory_runs_in_float32_under_bf16_and_autocast(monkeypatch):
+    """The memory (its state, reads and writes) stays float32 when the layer runs in bf16 or under
+    autocast; the last segment writes nothing (nothing reads it)."""
+    import ditlab.models.infini_attention as infini
+
+    seen = []
+
+    def spy(fn):
+        def wrapped(*args):
+            out = fn(*args)
+            seen.append((fn.__name__, [a.dtype for a in args if torch.is_tensor(a)],
+                         [o.dtype for o in (out if isinstance(out, tuple) else (out,))]))
+            return out
+        return wrapped
+
+    monkeypatch.setattr(infini, "memory_retrieve", spy(memory_retrieve))
+    monkeypatch.setattr(infini, "memory_update", spy(memory_update))
+    torch.manual_seed(0)
+    layer = InfiniAttention(8, 2, segment_len=4)
+    x = torch.randn(2, 12, 8)
+    for run in (lambda: layer.to(torch.bfloat16)(x.to(torch.bfloat16)),
+                lambda: torch.autocast("cpu", dtype=torch.bfloat16)(layer.float())(x)):
+        seen.clear()
+        out = run()
+        assert out.dtype == torch.bfloat16
+        assert [name for name, _, _ in seen] == ["memory_retrieve", "memory_update"] * 2 + ["memory_retrieve"]
+        assert all(d == torch.float32 for _, args, outs in seen for d in args + outs), seen
+
+
+def test_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    layer = InfiniAttention(8, 2, segment_len=4, dropout=0.5)
+    plain = InfiniAttention(8, 2, segment_len=4)
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 8, 8)
+    layer.eval()
+    assert torch.equal(layer(x), plain(x))  # no dropout in eval mode
+    layer.train()
+    torch.manual_seed(1)
+    a = layer(x)
+    layer.resid_dropout.p = 0.0  # only the attention weights' dropout left
+    torch.manual_seed(1)
+    b = layer(x)
+    assert not torch.allclose(a, plain(x)) and not torch.allclose(b, plain(x))
+
+
 # --------------------------------------------------------------------------- BPTT
 
 
@@ -199,6 +263,7 @@ def test_truncated_bptt_cuts_gradients_through_memory_exactly(pos):
     settings = dict(TINY, pos=pos, attention="infini", segment_len=4)
     for bptt, loss_segment, expected_nonzero in [
         ("truncated", 3, [3]),
+        ("truncated", 1, [1]),  # cut at the first boundary too
         ("full", 3, [0, 1, 2, 3]),
         (2, 3, [2, 3]),  # detached at the start of segment 2 only
         (2, 1, [0, 1]),
@@ -230,6 +295,139 @@ def test_infini_with_one_segment_and_closed_gate_equals_vanilla(pos):
     assert not unexpected and all(k.endswith("attn.beta") for k in missing)
     x = torch.randint(0, 256, (3, 16))
     torch.testing.assert_close(infini(x), vanilla(x), rtol=0, atol=TOL64)
+
+
+def _norm_reference(kind: str, x: torch.Tensor, sd: dict, prefix: str) -> torch.Tensor:
+    w = sd[prefix + "weight"]
+    if kind == "rmsnorm":
+        return x / torch.sqrt(x.square().mean(-1, keepdim=True) + 1e-6) * w
+    if kind == "layernorm":
+        mu = x.mean(-1, keepdim=True)
+        return (x - mu) / torch.sqrt((x - mu).square().mean(-1, keepdim=True) + 1e-6) * w + sd[prefix + "bias"]
+    return w * torch.tanh(sd[prefix + "alpha"] * x) + sd[prefix + "bias"]
+
+
+def _rotate_reference(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Channel pair (2i, 2i+1) at position p turned by p * 10000^(-2i/d); the angle's cos and sin
+    rounded to float32, as the model stores its tables."""
+    d = t.shape[-1]
+    angle = positions.double()[:, None] * 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    cos, sin = angle.cos().float().double(), angle.sin().float().double()
+    out = t.clone()
+    out[..., 0::2] = t[..., 0::2] * cos - t[..., 1::2] * sin
+    out[..., 1::2] = t[..., 0::2] * sin + t[..., 1::2] * cos
+    return out
+
+
+@torch.no_grad()
+def reference_lm(model: ByteLM, idx: torch.Tensor) -> torch.Tensor:
+    """The whole byte LM written out from its state dict and settings, in float64: embeddings
+    (scaled, plus learned positions), pre-norm blocks with explicit causal softmax attention (or the
+    Infini reference loop) and an erf-GELU MLP, the final norm, logits from the tied embedding."""
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    s = model.settings
+    H, d = s["n_heads"], s["d_model"] // s["n_heads"]
+    B, T = idx.shape
+    infini = s["attention"] == "infini"
+    positions = torch.arange(T) % (s["segment_len"] if infini else T)
+    h = sd["wte.weight"][idx] * (sd["embed_scale"] if s["embed_scale"] else 1.0)
+    if s["pos"] == "learned":
+        h = h + sd["wpe.weight"][positions]
+    for i, block in enumerate(model.blocks):
+        pre = f"blocks.{i}."
+        a = _norm_reference(s["norm"], h, sd, pre + "norm1.")
+        if infini:
+            attn = reference_infini(block.attn, a, s["memory_update"])
+        else:
+            q, k, v = (t.reshape(B, T, H, d).transpose(1, 2) for t in (a @ sd[pre + "attn.qkv.weight"].T).split(H * d, -1))
+            if s["pos"] == "rope":
+                q, k = _rotate_reference(q, positions), _rotate_reference(k, positions)
+            scores = (q @ k.transpose(-1, -2) / math.sqrt(d)).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1),
+                                                                          float("-inf"))
+            attn = (torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(B, T, H * d) @ sd[pre + "attn.proj.weight"].T
+        h = h + attn
+        m = _norm_reference(s["norm"], h, sd, pre + "norm2.") @ sd[pre + "mlp.fc1.weight"].T
+        h = h + (0.5 * m * (1 + torch.erf(m / math.sqrt(2)))) @ sd[pre + "mlp.fc2.weight"].T
+    return _norm_reference(s["norm"], h, sd, "norm_f.") @ sd["wte.weight"].T
+
+
+@pytest.mark.parametrize("settings", [
+    dict(norm="rmsnorm", pos="rope"),
+    dict(norm="layernorm", pos="learned"),
+    dict(norm="dyt", pos="rope", embed_scale=True, dyt_alpha_init=0.3),
+    dict(norm="layernorm", pos="learned", attention="infini", segment_len=4, memory_update="delta", gate_init=0.7),
+])
+def test_byte_lm_matches_a_written_out_reference(settings):
+    torch.manual_seed(0)
+    model = build_lm(**{**TINY, "n_heads": 4 if settings.get("attention") != "infini" else 2}, **settings).double()
+    with torch.no_grad():  # norms away from their identity initialisation, so a swapped or skipped one shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("embed_scale"):
+                p.add_(0.3 * torch.randn_like(p))
+    x = torch.randint(0, 256, (2, 16))
+    torch.testing.assert_close(model(x), reference_lm(model, x), rtol=0, atol=TOL64)
+    # the loss is the mean cross-entropy of these logits (with the memory switch passed on)
+    for memory in (True, False):
+        logits = model(x[:, :-1], memory=memory)
+        expected = F.cross_entropy(logits.reshape(-1, 256), x[:, 1:].reshape(-1))
+        torch.testing.assert_close(model.loss(x[:, :-1], x[:, 1:], memory=memory), expected, rtol=0, atol=TOL64)
+    if settings.get("attention") == "infini":  # memory=False reaches the layers through the loss
+        assert (model.loss(x[:, :-1], x[:, 1:], memory=False) - model.loss(x[:, :-1], x[:, 1:])).abs() > 1e-6
+
+
+def test_rotary_tables_are_float64_angles_rounded_once():
+    rot = Rotary1d(8, 300)
+    angle = torch.arange(300, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    assert torch.equal(rot.cos, angle.cos().float()) and torch.equal(rot.sin, angle.sin().float())
+    assert not set(rot.state_dict())  # rebuilt, not saved
+
+
+def test_bf16_model_runs_in_bf16_and_takes_its_loss_in_float32():
+    torch.manual_seed(0)
+    for settings in (dict(pos="rope"), dict(pos="learned", attention="infini", segment_len=4)):
+        model = build_lm(**TINY, **settings).to(torch.bfloat16)
+        x = torch.randint(0, 256, (2, 16))
+        logits = model(x[:, :-1])
+        assert logits.dtype == torch.bfloat16
+        expected = F.cross_entropy(logits.float().reshape(-1, 256), x[:, 1:].reshape(-1))
+        assert torch.equal(model.loss(x[:, :-1], x[:, 1:]), expected)
+
+
+def test_num_params_counts_the_tied_weight_once():
+    d, hidden, layers = TINY["d_model"], int(TINY["mlp_ratio"] * TINY["d_model"]), TINY["n_layers"]
+    per_block = 3 * d * d + d * d + 2 * d * hidden + 2 * d  # qkv, proj, fc1, fc2 (no biases), two RMSNorm weights
+    assert build_lm(**TINY).num_params() == 256 * d + layers * per_block + d
+    # learned positions add a table; DyT norms a weight, bias and alpha each; Infini a gate per head
+    assert build_lm(**TINY, pos="learned").num_params() == 256 * d + 16 * d + layers * per_block + d
+    assert build_lm(**TINY, norm="dyt").num_params() == 256 * d + layers * (per_block + 2 * (d + 1)) + 2 * d + 1
+    assert build_lm(**TINY, attention="infini", segment_len=4).num_params() == \
+        256 * d + layers * (per_block + TINY["n_heads"]) + d
+
+
+def test_dropout_of_the_vanilla_attention_acts_in_training_only():
+    torch.manual_seed(0)
+    layer, plain = CausalSelfAttention(8, 2, dropout=0.5), CausalSelfAttention(8, 2)
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 6, 8)
+    assert torch.equal(layer.eval()(x), plain(x))
+    layer.train().resid_dropout.p = 0.0  # only the attention weights' dropout left
+    assert not torch.allclose(layer(x), plain(x))
+
+
+def test_lm_from_config_passes_every_setting():
+    from ditlab.config import load_config
+    from ditlab.models.lm import lm_from_config
+
+    cfg = load_config(None, ["model.name=byte-lm", "objective.kind=next-byte", "data.source=text", "model.hidden_size=24",
+                             "model.depth=3", "model.num_heads=3", "model.mlp_ratio=3.0", "model.norm=dyt",
+                             "model.lm_seq_len=32", "model.lm_pos=learned", "model.lm_attention=infini",
+                             "model.lm_segment_len=8", "model.lm_memory_update=delta", "model.lm_gate_init=-1.5",
+                             "model.lm_bptt=2", "model.lm_dyt_alpha_init=0.25", "model.lm_dropout=0.1",
+                             "model.lm_embed_scale=true"])
+    model = lm_from_config(cfg.model)
+    assert model.settings == dict(vocab_size=256, seq_len=32, d_model=24, n_layers=3, n_heads=3, mlp_ratio=3.0,
+                                  norm="dyt", dyt_alpha_init=0.25, pos="learned", attention="infini", segment_len=8,
+                                  memory_update="delta", gate_init=-1.5, bptt=2, dropout=0.1, embed_scale=True)
 
 
 def test_memory_state_lives_inside_one_call():
@@ -316,12 +514,27 @@ def test_embed_scale_multiplies_the_input_embeddings_only():
     (dict(attention="infini", segment_len=4, bptt=0), "bptt"),
     (dict(dropout=1.5), "dropout"),
     (dict(n_layers=0), "n_layers"),
+    (dict(vocab_size=0), "vocab_size must be a positive integer"),
+    (dict(seq_len=0), "seq_len must be a positive integer"),
+    (dict(d_model=0), "d_model must be a positive integer"),
+    (dict(n_heads=0), "n_heads must be a positive integer"),
+    (dict(mlp_ratio=0.0), "mlp_ratio must be positive"),
+    (dict(dropout=1.0), "dropout must be in"),
     (dict(vocab=256), "unknown language-model setting"),
 ])
 def test_bad_settings_raise_one_line_errors(settings, message):
     with pytest.raises(DitlabError, match=message) as info:
         build_lm(**{**TINY, **settings})
     assert "\n" not in str(info.value)
+
+
+def test_smallest_valid_settings_and_the_defaults():
+    build_lm(**{**TINY, "mlp_ratio": 0.5}, attention="infini", segment_len=1, bptt=1)  # all at their lower bounds
+    assert ByteLM().settings == dict(vocab_size=256, seq_len=256, d_model=256, n_layers=4, n_heads=4, mlp_ratio=4.0,
+                                     norm="rmsnorm", dyt_alpha_init=0.5, pos="rope", attention="vanilla",
+                                     segment_len=None, memory_update="linear", gate_init=0.0, bptt="full",
+                                     dropout=0.0, embed_scale=False)
+    assert ByteLM(attention="infini", segment_len=64).blocks[0].attn.beta.tolist() == [0.0] * 4
 
 
 def test_vanilla_rejects_inputs_longer_than_its_context():

@@ -45,8 +45,8 @@ MODULES: dict[str, tuple[list[str], str | None]] = {
     "objectives/guidance.py": (["tests/test_guidance.py", "tests/test_guidance_rules.py", "tests/test_flow.py",
                                 "tests/test_shortcut.py", "tests/test_sampling_labels.py"],
                                "not tiny_dit and not resume and not experiment and not test_cli"),
-    "sampling.py": (["tests/test_sampling_labels.py", "tests/test_sampling_arguments.py", "tests/test_sample_cli.py"],
-                    None),
+    "sampling.py": (["tests/test_sampling_labels.py", "tests/test_sampling_arguments.py", "tests/test_sample_cli.py",
+                     "tests/test_lm_model.py", "tests/test_lm_train.py"], "not gloo"),
     "train/ema.py": (["tests/test_train.py", "tests/test_train_schedules.py"], "ema or schedules"),
     "train/order.py": (["tests/test_train.py", "tests/test_distributed.py", "tests/test_train_order.py"],
                        "step_sampler or resume or ranks_shard or workers or micro_batches"),
@@ -72,6 +72,10 @@ MODULES: dict[str, tuple[list[str], str | None]] = {
                          "not locked and not holder and not ranks_agree and not sigterm and not gloo and not repo_quickstart_config "
                          "and not first_signal"),
     "models/unet.py": (["tests/test_unet.py"], "not test_bad_config_through_cli"),
+    # the byte language models (the gloo test starts processes, which import the unmutated package)
+    **{module: (["tests/test_lm_model.py", "tests/test_lm_data.py", "tests/test_lm_train.py"], "not gloo")
+       for module in ("models/lm.py", "models/infini_attention.py", "objectives/next_byte.py", "eval/lm.py")},
+    "eval/classifier.py": (["tests/test_eval_classifier.py", "tests/test_eval_wiring.py", "tests/test_eval_command.py"], None),
     **{module: (["tests/test_dit.py", "tests/test_dit_ablations.py", "tests/test_dit_variants.py", "tests/test_layers.py",
                  "tests/test_official_fixtures.py", "tests/test_layout_compat.py"], None)
        for module in ("models/dit.py", "models/layers.py")},

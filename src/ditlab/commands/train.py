@@ -48,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         trainer = Trainer(cfg, resume=resume, device=args.device)
         result = trainer.train()
+        # Rank 0 may still be writing the last samples: leave the process group together, as a
+        # rank that tears down gloo while another still uses it can abort in native code.
+        distributed.barrier(trainer.env)
         if result.signal is not None:
             # 128 + the signal number, as if the signal had killed us: schedulers and shells read it so.
             status = 128 + result.signal

@@ -59,12 +59,14 @@ def _check(x, y) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _slopes(lx: np.ndarray, ly: np.ndarray) -> np.ndarray:
-    """Least-squares slopes of each row of lx, ly ([resamples, n]); NaN where x has one value."""
+    """Least-squares slopes of each row of lx, ly ([resamples, n]); NaN where x has one value.
+
+    The slope is sum(dx * ly) / sum(dx^2) with dx = lx - mean(lx): as sum(dx) = 0, centring ly
+    as well would change nothing."""
     dx = lx - lx.mean(axis=1, keepdims=True)
-    sxx = (dx * dx).sum(axis=1)
     ok = np.ptp(lx, axis=1) > 0
     slopes = np.full(len(lx), np.nan)
-    slopes[ok] = (dx[ok] * (ly[ok] - ly[ok].mean(axis=1, keepdims=True))).sum(axis=1) / sxx[ok]
+    slopes[ok] = (dx[ok] * ly[ok]).sum(axis=1) / (dx[ok] * dx[ok]).sum(axis=1)
     return slopes
 
 
@@ -74,8 +76,11 @@ def bootstrap_exponent(x, y, *, groups=None, resamples: int = 2000, seed: int = 
 
     Without `groups` the points are resampled with replacement; with `groups` (one label per
     point) whole groups are, so that e.g. the seeds of one grid point stay together. Resamples
-    with fewer than 2 distinct x are skipped.
+    with fewer than 2 distinct x are skipped; without any left (or with resamples=0) the interval
+    is (NaN, NaN).
     """
+    if resamples < 0 or not 0 < ci < 1:
+        raise DitlabError(f"bootstrap needs resamples >= 0 and a level ci in (0, 1), got {resamples} and {ci}")
     lx, ly = np.log(np.asarray(x, np.float64)), np.log(np.asarray(y, np.float64))
     rng = np.random.default_rng(seed)
     if groups is None:
@@ -103,8 +108,7 @@ def fit_power_law(x, y, *, groups=None, resamples: int = 2000, seed: int = 0, ci
     bootstrap CI of b (`bootstrap_exponent`; `resamples=0` skips it) and Pearson's r."""
     x, y = _check(x, y)
     r = stats.linregress(np.log(x), np.log(y))
-    lo, hi, used = bootstrap_exponent(x, y, groups=groups, resamples=resamples, seed=seed, ci=ci) \
-        if resamples > 0 else (float("nan"), float("nan"), 0)
+    lo, hi, used = bootstrap_exponent(x, y, groups=groups, resamples=resamples, seed=seed, ci=ci)
     return PowerLaw(a=float(np.exp(r.intercept)), b=float(r.slope), r2=float(r.rvalue**2), n=len(x),
                     b_stderr=float(r.stderr), r=float(r.rvalue), b_lo=lo, b_hi=hi, ci=ci, resamples=used)
 

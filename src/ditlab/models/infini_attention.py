@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ditlab.errors import DitlabError
+
 MEMORY_UPDATES = ("linear", "delta")
 
 
@@ -76,6 +78,8 @@ class InfiniAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, segment_len: int, *, memory_update: str = "linear",
                  gate_init: float = 0.0, bptt: str | int = "full", dropout: float = 0.0):
         super().__init__()
+        if memory_update not in MEMORY_UPDATES:
+            raise DitlabError(f"unknown memory_update '{memory_update}' (choose one of: {', '.join(MEMORY_UPDATES)})")
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.segment_len = segment_len
         self.update_rule = memory_update

@@ -83,7 +83,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, d_model: int, hidden: int, dropout: float = 0.0):
+    def __init__(self, d_model: int, hidden: int, dropout: float):
         super().__init__()
         self.fc1 = nn.Linear(d_model, hidden, bias=False)
         self.fc2 = nn.Linear(hidden, d_model, bias=False)
