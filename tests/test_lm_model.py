@@ -20,6 +20,7 @@ from ditlab.eval.lm import generate, passkey_accuracy, passkey_sequences
 from ditlab.models.infini_attention import InfiniAttention, elu_plus_one, memory_retrieve, memory_update
 from ditlab.models.layers import DyT, RoPE
 from ditlab.models.lm import ByteLM, CausalSelfAttention, Rotary1d, build_lm
+from ditlab.objectives.next_byte import NextByteObjective
 
 TOL64 = 1e-10
 TINY = dict(seq_len=16, d_model=16, n_layers=2, n_heads=2, mlp_ratio=2.0)
@@ -391,6 +392,8 @@ def test_bf16_model_runs_in_bf16_and_takes_its_loss_in_float32():
         assert logits.dtype == torch.bfloat16
         expected = F.cross_entropy(logits.float().reshape(-1, 256), x[:, 1:].reshape(-1))
         assert torch.equal(model.loss(x[:, :-1], x[:, 1:]), expected)
+        terms = NextByteObjective().loss(model, x[:, :-1], x[:, 1:])  # the trainer's loss: the same
+        assert torch.equal(terms["loss"], expected) and torch.equal(terms["bpb"], expected / math.log(2))
 
 
 def test_num_params_counts_the_tied_weight_once():
@@ -402,6 +405,32 @@ def test_num_params_counts_the_tied_weight_once():
     assert build_lm(**TINY, norm="dyt").num_params() == 256 * d + layers * (per_block + 2 * (d + 1)) + 2 * d + 1
     assert build_lm(**TINY, attention="infini", segment_len=4).num_params() == \
         256 * d + layers * (per_block + TINY["n_heads"]) + d
+    # an Infini model's learned positions restart at every segment: a table of segment_len rows
+    assert build_lm(**TINY, pos="learned", attention="infini", segment_len=4).wpe.weight.shape == (4, d)
+
+
+def test_gpt2_initialisation_and_dropout_everywhere():
+    """N(0, 0.02) weights; the two projections into the residual stream N(0, 0.02 / sqrt(2 n_layers)).
+    The sample std of n draws is within 4 / sqrt(2 n) of the truth (relative), the mean within
+    4 sigma / sqrt(n)."""
+    torch.manual_seed(0)
+    model = build_lm(seq_len=64, d_model=128, n_layers=8, n_heads=4, pos="learned", dropout=0.3)
+
+    def check(w, std):
+        n = w.numel()
+        assert abs(w.std().item() / std - 1) < 4 / math.sqrt(2 * n) and abs(w.mean().item()) < 4 * std / math.sqrt(n)
+
+    check(model.wte.weight, 0.02)
+    check(model.wpe.weight, 0.02)
+    for block in model.blocks:
+        check(block.attn.qkv.weight, 0.02)
+        check(block.mlp.fc1.weight, 0.02)
+        check(block.attn.proj.weight, 0.02 / 4)  # sqrt(2 * 8) = 4
+        check(block.mlp.fc2.weight, 0.02 / 4)
+    for attention in ("vanilla", "infini"):
+        m = build_lm(**TINY, attention=attention, segment_len=4, dropout=0.3)
+        assert all(b.attn.dropout == 0.3 and b.attn.resid_dropout.p == 0.3 and b.mlp.dropout.p == 0.3 for b in m.blocks)
+        assert m.drop.p == 0.3
 
 
 def test_dropout_of_the_vanilla_attention_acts_in_training_only():
@@ -605,6 +634,10 @@ def test_passkey_sequences_layout():
 def test_passkey_accuracy_scores_the_key_digits():
     scores = passkey_accuracy(NgramCopier(), distances=[0, 1, 3], n_segments=4, segment_len=96, n_trials=6)
     assert scores == {k: {"exact": 1.0, "digit": 1.0} for k in (0, 1, 3)}
+    # the filler reaches the sequences: a filler that is itself a (wrong) key sentence misleads the copier
+    decoy = b" The pass key is 99999. Remember it. "
+    fooled = passkey_accuracy(NgramCopier(), distances=[1], n_segments=4, segment_len=96, n_trials=6, filler=decoy)
+    assert fooled[1]["exact"] < 1.0
     zeros = passkey_accuracy(_ConstantModel(), distances=[1], n_segments=4, segment_len=64, n_trials=6)
     assert zeros[1]["exact"] == 0.0  # it always says "0"; none of these keys is 00000
     with pytest.raises(DitlabError):

@@ -73,7 +73,7 @@ MODULES: dict[str, tuple[list[str], str | None]] = {
                          "and not first_signal"),
     "models/unet.py": (["tests/test_unet.py"], "not test_bad_config_through_cli"),
     # the byte language models (the gloo test starts processes, which import the unmutated package)
-    **{module: (["tests/test_lm_model.py", "tests/test_lm_data.py", "tests/test_lm_train.py"], "not gloo")
+    **{module: (["tests/test_lm_model.py", "tests/test_lm_eval.py", "tests/test_lm_data.py", "tests/test_lm_train.py"], "not gloo")
        for module in ("models/lm.py", "models/infini_attention.py", "objectives/next_byte.py", "eval/lm.py")},
     "eval/classifier.py": (["tests/test_eval_classifier.py", "tests/test_eval_wiring.py", "tests/test_eval_command.py"], None),
     **{module: (["tests/test_dit.py", "tests/test_dit_ablations.py", "tests/test_dit_variants.py", "tests/test_layers.py",
