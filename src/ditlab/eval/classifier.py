@@ -160,7 +160,7 @@ def class_accuracy(
     model: nn.Module | None = None,
 ) -> float:
     """Fraction of images that the evaluator classifies as their label (uint8 or [-1,1] float)."""
-    labels = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels).long().cpu()
+    labels = torch.as_tensor(labels).long().cpu()
     if labels.ndim != 1 or len(labels) != len(images):
         raise DitlabError(f"need one label per image ({len(images)} images, labels shape {tuple(labels.shape)})")
     model = model if model is not None else load_classifier(dataset)
