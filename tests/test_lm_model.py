@@ -638,17 +638,8 @@ def test_passkey_accuracy_scores_the_key_digits():
     decoy = b" The pass key is 99999. Remember it. "
     fooled = passkey_accuracy(NgramCopier(), distances=[1], n_segments=4, segment_len=96, n_trials=6, filler=decoy)
     assert fooled[1]["exact"] < 1.0
-    zeros = passkey_accuracy(_ConstantModel(), distances=[1], n_segments=4, segment_len=64, n_trials=6)
-    assert zeros[1]["exact"] == 0.0  # it always says "0"; none of these keys is 00000
     with pytest.raises(DitlabError):
         passkey_sequences(4, n_segments=4, segment_len=64, n_trials=1)
-
-
-class _ConstantModel(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = torch.zeros(*x.shape, 256)
-        logits[..., ord("0")] = 1.0
-        return logits
 
 
 def test_generate_sampling_is_seeded_and_respects_top_k():

@@ -76,6 +76,8 @@ MODULES: dict[str, tuple[list[str], str | None]] = {
     **{module: (["tests/test_lm_model.py", "tests/test_lm_eval.py", "tests/test_lm_data.py", "tests/test_lm_train.py"], "not gloo")
        for module in ("models/lm.py", "models/infini_attention.py", "objectives/next_byte.py", "eval/lm.py")},
     "eval/classifier.py": (["tests/test_eval_classifier.py", "tests/test_eval_wiring.py", "tests/test_eval_command.py"], None),
+    "eval/inception.py": (["tests/test_eval_inception.py", "tests/test_eval_fid.py", "tests/test_eval_fid_inputs.py"], None),
+    "models/flops.py": (["tests/test_eval_flops.py"], None),
     **{module: (["tests/test_dit.py", "tests/test_dit_ablations.py", "tests/test_dit_variants.py", "tests/test_layers.py",
                  "tests/test_official_fixtures.py", "tests/test_layout_compat.py"], None)
        for module in ("models/dit.py", "models/layers.py")},
