@@ -542,7 +542,7 @@ def test_embed_scale_multiplies_the_input_embeddings_only():
     (dict(attention="infini", segment_len=4, bptt="sometimes"), "bptt"),
     (dict(attention="infini", segment_len=4, bptt=0), "bptt"),
     (dict(dropout=1.5), "dropout"),
-    (dict(n_layers=0), "n_layers"),
+    (dict(n_layers=0), "n_layers must be a positive integer"),
     (dict(vocab_size=0), "vocab_size must be a positive integer"),
     (dict(seq_len=0), "seq_len must be a positive integer"),
     (dict(d_model=0), "d_model must be a positive integer"),
