@@ -15,6 +15,7 @@ from ditlab.eval.classifier import (
     EvalCNN,
     _random_shift,
     class_accuracy,
+    classifier_outputs,
     default_data_dir,
     load_classifier,
     load_split,
@@ -194,3 +195,88 @@ def test_class_accuracy_uses_the_given_model_and_any_label_container():
         assert class_accuracy(images, container, model=model) == 5 / 8
     with pytest.raises(DitlabError, match="one label per image"):
         class_accuracy(images, labels[:-1], model=model)
+
+
+def test_classifier_input_scaling_bounds_and_layouts():
+    u8 = np.array([0, 1, 128, 255], dtype=np.uint8).repeat(196).reshape(1, 28, 28)
+    x = to_classifier_input(u8)
+    assert x.dtype == torch.float32 and x.shape == (1, 1, 28, 28)
+    assert x.flatten()[[0, 196, 392, 588]].tolist() == pytest.approx([-1.0, 1 / 127.5 - 1, 128 / 127.5 - 1, 1.0], abs=1e-7)  # float32 rounding
+    nhwc = np.linspace(-1, 1, 2 * 784, dtype=np.float32).reshape(2, 28, 28, 1)
+    assert torch.equal(to_classifier_input(nhwc), torch.from_numpy(nhwc).permute(0, 3, 1, 2))
+    # slightly outside [-1, 1] (rounding): clamped; clearly outside: refused, on either side
+    edge = torch.zeros(1, 1, 28, 28)
+    edge[0, 0, 0, :2] = torch.tensor([1.005, -1.005])
+    assert to_classifier_input(edge)[0, 0, 0, :3].tolist() == [1.0, -1.0, 0.0]
+    for value in (1.5, -1.5):
+        with pytest.raises(DitlabError, match=r"\[-1, 1\]"):
+            to_classifier_input(torch.full((1, 1, 28, 28), value))
+    for shape in ((28, 28), (784,), (2, 28, 28, 3)):
+        with pytest.raises(DitlabError, match="28x28"):
+            to_classifier_input(np.zeros(shape, np.uint8))
+
+
+def test_weights_file_metadata_sets_the_architecture(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    small = EvalCNN(width=8, feature_dim=64)
+    save_file(small.state_dict(), str(tmp_path / "small.safetensors"), metadata={"width": "8", "feature_dim": "64"})
+    loaded = load_classifier("mnist", tmp_path / "small.safetensors")
+    assert loaded.fc.out_features == 64 and loaded.body[0].out_channels == 8 and not loaded.training
+    # without metadata: EvalCNN's defaults, width 32 and 128 features
+    save_file(EvalCNN().state_dict(), str(tmp_path / "plain.safetensors"))
+    plain = load_classifier("mnist", tmp_path / "plain.safetensors")
+    assert plain.fc.out_features == 128 and plain.body[0].out_channels == 32
+    assert load_classifier().metadata["dataset"] == "mnist"  # the default: the shipped MNIST evaluator
+
+
+def test_classifier_outputs_in_batches_equal_one_at_a_time():
+    torch.manual_seed(0)
+    model = EvalCNN(width=4).eval()
+    images = np.random.default_rng(0).integers(0, 256, (7, 28, 28), dtype=np.uint8)
+    logits, feats = classifier_outputs(model, images, batch_size=3)
+    assert logits.shape == (7, 10) and feats.shape == (7, 128)
+    for i in range(7):
+        one_logits, one_feats = classifier_outputs(model, images[i:i + 1])
+        torch.testing.assert_close(logits[i:i + 1], one_logits, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(feats[i:i + 1], one_feats, rtol=1e-5, atol=1e-6)
+
+
+def test_shipped_weights_were_trained_with_the_default_recipe():
+    import inspect
+
+    defaults = {k: v.default for k, v in inspect.signature(train_classifier).parameters.items()}
+    meta = load_classifier("mnist").metadata
+    assert (meta["epochs"], meta["width"]) == (str(defaults["epochs"]), str(defaults["width"]))
+    assert load_classifier("fashion-mnist").metadata["width"] == str(defaults["width"])  # trained with --epochs 10
+
+
+def test_train_classifier_is_the_documented_recipe(tmp_path):
+    """AdamW (weight decay 5e-4) under a one-cycle schedule (20% warm-up), label smoothing 0.05,
+    random shifts of up to 2 pixels, a seeded permutation each epoch: rebuilt step by step."""
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    _toy_idx(tmp_path, n_train=40)
+    out = tmp_path / "cls.safetensors"
+    train_classifier("mnist", tmp_path, out, epochs=2, batch_size=8, lr=2e-3, width=4, seed=3, log=lambda _: None)
+
+    torch.manual_seed(3)
+    xtr, ytr = load_split(tmp_path, "train")
+    x, y = to_classifier_input(xtr), torch.from_numpy(ytr)
+    model = EvalCNN(width=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=10, pct_start=0.2)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        model.train()
+        for idx in torch.randperm(40, generator=g).view(5, 8):
+            loss = F.cross_entropy(model(_random_shift(x[idx], 2, g)), y[idx], label_smoothing=0.05)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    saved = load_file(str(out))
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(saved[name], value, rtol=0, atol=0, msg=name)

@@ -96,7 +96,7 @@ def to_classifier_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
     Accepts uint8 (0..255) or float in [-1, 1]; layouts [N,28,28], [N,1,28,28] or [N,28,28,1].
     """
-    x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
+    x = torch.as_tensor(images)
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4 and x.shape[-1] == 1 and x.shape[1] != 1:
