@@ -247,6 +247,15 @@ def test_shipped_weights_were_trained_with_the_default_recipe():
     import inspect
 
     defaults = {k: v.default for k, v in inspect.signature(train_classifier).parameters.items()}
+    import argparse
+
+    from ditlab.commands.train_classifier import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cli = vars(parser.parse_args([]))
+    assert {k: defaults[k] for k in ("epochs", "batch_size", "lr", "width", "seed")} == \
+        {k: cli[k] for k in ("epochs", "batch_size", "lr", "width", "seed")}  # one recipe, API and command
     meta = load_classifier("mnist").metadata
     assert (meta["epochs"], meta["width"]) == (str(defaults["epochs"]), str(defaults["width"]))
     assert load_classifier("fashion-mnist").metadata["width"] == str(defaults["width"])  # trained with --epochs 10
