@@ -92,6 +92,17 @@ DO_NOT_MUTATE = [
 ]
 
 
+SESSION_CLEANUP = """
+
+def pytest_sessionfinish(session):  # added by tools/mutation.py to its scratch copy only
+    import shutil
+
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is not None and factory._basetemp is not None:
+        shutil.rmtree(factory._basetemp, ignore_errors=True)
+"""
+
+
 def undecorate_no_grad(path: Path) -> None:
     """Move `@torch.no_grad()` off top-level functions and methods of top-level classes: the
     decorator line goes, `X = torch.no_grad()(X)` follows the module or the class body."""
@@ -150,6 +161,12 @@ def prepare(module: str, fresh: bool) -> Path:
     shutil.copy(ROOT / "pyproject.toml", work / "pyproject.toml")
     undecorate_no_grad(work / "src" / "ditlab" / module)
     args = ["-p", "no:cacheprovider", "-p", "no:xdist", "-q"] + (["-k", keyword] if keyword else [])
+    # Every mutant is a pytest session in a process forked from mutmut's, which stays alive, so
+    # pytest never deems their tmp_path folders stale and never removes them: a run of the
+    # Inception tests (which write weight files) filled the disk that way. Each session removes
+    # its own at the end.
+    with open(work / "tests" / "conftest.py", "a") as f:
+        f.write(SESSION_CLEANUP)
     lines = [
         "[mutmut]",
         "source_paths = src/ditlab",
