@@ -191,3 +191,68 @@ def test_passkey_accuracy_scores_each_sequence_and_digit():
         _, keys = passkey_sequences(1, 3, 64, kwargs.get("n_trials", 32), kwargs.get("n_digits", 5),
                                     torch.Generator().manual_seed(kwargs.get("seed", 0)))
         assert got == pytest.approx(b"".join(keys).count(b"0") / len(b"".join(keys)))
+
+
+# --------------------------------------------------------------------------- generation
+
+
+class _TwoBytes(nn.Module):
+    """No parameters and no max_context: logits ln 1 for "a" and ln 2 for "b", -inf elsewhere."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.full((*x.shape, 256), float("-inf"))
+        logits[..., ord("a")] = 0.0
+        logits[..., ord("b")] = math.log(2.0)
+        return logits
+
+
+class _SaysMemory(nn.Module):
+    """Says "m" with the memory on, "r" with it reset."""
+
+    def forward(self, x: torch.Tensor, memory: bool = True) -> torch.Tensor:
+        logits = torch.zeros(*x.shape, 256)
+        logits[..., ord("m" if memory else "r")] = 1.0
+        return logits
+
+
+def test_generate_bytes_defaults_arguments_and_temperature():
+    from ditlab.sampling import generate_bytes
+
+    two = [generate_bytes(_TwoBytes(), b"x", 200, generator=torch.Generator().manual_seed(0), **kw)
+           for kw in ({}, dict(temperature=1.0), dict(temperature=2.0))]
+    assert two[0] == two[1] != two[2]  # temperature 1 by default
+    # the memory switch reaches the model, on by default
+    says = _SaysMemory()
+    assert generate_bytes(says, b"x", 0) == b""
+    assert generate_bytes(says, b"x", 3, temperature=0) == b"mmm"
+    assert generate_bytes(says, b"x", 3, temperature=0, memory=False) == b"rrr"
+    for kwargs in (dict(max_new=-1), dict(top_k=0), dict(temperature=-0.5)):
+        with pytest.raises(DitlabError, match="temperature >= 0"):
+            generate_bytes(says, b"x", **{"max_new": 3, **kwargs})
+    # temperature T samples from softmax(logits / T): P(b) = 2^(1/T) / (1 + 2^(1/T)); 0.8 at T = 0.5
+    text = generate_bytes(_TwoBytes(), b"x", 3000, temperature=0.5, generator=torch.Generator().manual_seed(0))
+    share = text.count(b"b") / 3000
+    assert set(text) <= {ord("a"), ord("b")} and abs(share - 0.8) < 4 * math.sqrt(0.16 / 3000)
+
+
+def test_generate_text_takes_the_run_settings_unless_given(monkeypatch):
+    from types import SimpleNamespace
+
+    import ditlab.sampling as sampling
+
+    calls = []
+    monkeypatch.setattr(sampling, "generate_bytes", lambda *args: calls.append(args) or b"")
+    sample = SimpleNamespace(top_k=5, seed=7, temperature=0.8, max_new_bytes=9)
+    run = SimpleNamespace(cfg=SimpleNamespace(sample=sample), is_language_model=True, model="M", weights=None)
+
+    def state(seed):
+        return torch.Generator().manual_seed(seed).get_state()
+
+    sampling.generate_text(run, b"x")
+    model, prompt, max_new, temperature, top_k, generator = calls[-1]
+    assert (model, prompt, max_new, temperature, top_k) == ("M", b"x", 9, 0.8, 5)
+    assert torch.equal(generator.get_state(), state(7))
+    sampling.generate_text(run, b"y", max_new=3, temperature=0.1, top_k=2, seed=4)
+    assert calls[-1][1:5] == (b"y", 3, 0.1, 2) and torch.equal(calls[-1][5].get_state(), state(4))
+    sampling.generate_text(run, b"y", top_k=0)  # 0: all bytes
+    assert calls[-1][4] is None

@@ -46,7 +46,7 @@ MODULES: dict[str, tuple[list[str], str | None]] = {
                                 "tests/test_shortcut.py", "tests/test_sampling_labels.py"],
                                "not tiny_dit and not resume and not experiment and not test_cli"),
     "sampling.py": (["tests/test_sampling_labels.py", "tests/test_sampling_arguments.py", "tests/test_sample_cli.py",
-                     "tests/test_lm_model.py", "tests/test_lm_train.py"], "not gloo"),
+                     "tests/test_lm_model.py", "tests/test_lm_eval.py", "tests/test_lm_train.py"], "not gloo"),
     "train/ema.py": (["tests/test_train.py", "tests/test_train_schedules.py"], "ema or schedules"),
     "train/order.py": (["tests/test_train.py", "tests/test_distributed.py", "tests/test_train_order.py"],
                        "step_sampler or resume or ranks_shard or workers or micro_batches"),
