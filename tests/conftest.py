@@ -104,3 +104,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# On a loaded machine a rank of a two-process gloo run occasionally dies in native code with
+# "terminate called without an active exception" (SIGABRT, no Python traceback; seen in two of
+# about ten full suites, never in a test run alone). Not root-caused; ranks already leave the
+# process group together. Such a run is started once more, in a fresh run folder (when given);
+# any other failure fails the test.
+NATIVE_ABORT = "terminate called without an active exception"
+
+
+@pytest.fixture
+def run_ranks():
+    """`run_ranks(cmd, fresh=folder)`: subprocess.run of a torchrun command (captured, 120 s),
+    again once after the native gloo abort above, `fresh` (if given) removed first."""
+    import shutil
+    import subprocess
+
+    def run(cmd: list[str], fresh=None):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0 and NATIVE_ABORT in proc.stderr:
+            if fresh is not None:
+                shutil.rmtree(fresh, ignore_errors=True)
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        return proc
+
+    return run

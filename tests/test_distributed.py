@@ -27,11 +27,10 @@ TINY = [
 ]
 
 
-def torchrun(nproc: int, args: list[str]) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def torchrun(run_ranks, nproc: int, args: list[str], fresh: Path | None = None) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "ditlab", "train", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_ranks(cmd, fresh=fresh)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -54,10 +53,10 @@ def test_ranks_shard_the_global_batch():
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-def test_two_gloo_processes_match_one(tmp_path, fsdp):
+def test_two_gloo_processes_match_one(tmp_path, fsdp, run_ranks):
     single, multi = tmp_path / "single", tmp_path / "multi"
     assert main(["train", *TINY, f"train.out_dir={single}", "train.grad_accum=2"]) == 0
-    torchrun(2, [*TINY, f"train.out_dir={multi}", f"train.fsdp={str(fsdp).lower()}"])
+    torchrun(run_ranks, 2, [*TINY, f"train.out_dir={multi}", f"train.fsdp={str(fsdp).lower()}"], fresh=multi)
     step = Path("checkpoints") / "step_0000003"
     assert_same_weights(single / step, multi / step)
     # Only rank 0 writes: one log with the rank-averaged loss, equal to the single process's.
@@ -65,7 +64,7 @@ def test_two_gloo_processes_match_one(tmp_path, fsdp):
     col = lambda p: [line.split(",")[1] for line in (p / "log.csv").read_text().splitlines()[1:]]  # noqa: E731
     assert [float(x) for x in col(multi)] == pytest.approx([float(x) for x in col(single)], abs=1e-6)
     if fsdp:  # full-state-dict checkpoints resume under FSDP as well
-        torchrun(2, [*TINY, f"train.out_dir={multi}", "train.fsdp=true", "train.steps=4", "--resume"])
+        torchrun(run_ranks, 2, [*TINY, f"train.out_dir={multi}", "train.fsdp=true", "train.steps=4", "--resume"])
         assert main(["train", *TINY, f"train.out_dir={single}", "train.grad_accum=2", "train.steps=4", "--resume"]) == 0
         assert_same_weights(single / "checkpoints" / "step_0000004", multi / "checkpoints" / "step_0000004")
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -88,14 +86,14 @@ def test_lm_resume_is_bit_identical(tmp_path, corpus, arch):
     assert not list((full / "samples").glob("*.png"))
 
 
-def test_two_gloo_processes_match_one_with_two_micro_batches(tmp_path, corpus):
+def test_two_gloo_processes_match_one_with_two_micro_batches(tmp_path, corpus, run_ranks):
     """DDP: 2 ranks x 1 micro-batch read and draw (dropout) what 1 rank x 2 micro-batches do."""
     single, multi = tmp_path / "single", tmp_path / "multi"
     extra = ["train.steps=3", "model.lm_dropout=0.1"]
     assert main(["lm", "train", *lm_args(single, corpus, *extra, "train.grad_accum=2")]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "ditlab", "lm", "train", *lm_args(multi, corpus, *extra)]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    proc = run_ranks(cmd, fresh=multi)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = (load_file(run / "checkpoints" / "step_0000003" / name) for run in (single, multi))
