@@ -116,18 +116,21 @@ NATIVE_ABORT = "terminate called without an active exception"
 
 @pytest.fixture
 def run_ranks():
-    """`run_ranks(cmd, fresh=folder)`: subprocess.run of a torchrun command (captured, 120 s),
-    again once after the native gloo abort above, `fresh` (if given) removed first."""
+    """`run_ranks(argv, fresh=folder)`: `torchrun --standalone --nproc_per_node=2 argv` (one thread
+    per rank, 120 s), asserted to succeed; started once more after the native gloo abort above,
+    `fresh` (if given) removed first."""
     import shutil
     import subprocess
+    import sys
 
-    def run(cmd: list[str], fresh=None):
+    def run(argv: list[str], fresh=None) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *argv]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0 and NATIVE_ABORT in proc.stderr:
             if fresh is not None:
                 shutil.rmtree(fresh, ignore_errors=True)
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-        return proc
+        assert proc.returncode == 0, proc.stderr[-3000:]
 
     return run
