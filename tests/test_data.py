@@ -115,6 +115,71 @@ def test_corrupt_idx_files_fail_in_one_line(tmp_path, capsys, case, message):
     assert case == "count" or str(tmp_path) in err  # names the file
 
 
+def test_idx_readers_on_hand_written_files(tmp_path, monkeypatch):
+    """The IDX format (big-endian unsigned header, then one byte per pixel or label), gzipped or not."""
+    from ditlab.data import mnist
+
+    pixels = bytes((i * 7) % 256 for i in range(2 * 28 * 28))
+    plain = tmp_path / "images-idx3-ubyte"  # not gzipped: read as it is
+    plain.write_bytes(struct.pack(">IIII", 0x803, 2, 28, 28) + pixels)
+    images = mnist.read_idx_images(plain)
+    assert images.shape == (2, 1, 28, 28) and images.flatten().tolist() == list(pixels)
+
+    empty_images, empty_labels = tmp_path / "empty-images.gz", tmp_path / "empty-labels.gz"
+    _idx(empty_images, 0x803, (0, 28, 28), b"")  # a header alone: a valid file of no images
+    _idx(empty_labels, 0x801, (0,), b"")
+    assert mnist.read_idx_images(empty_images).shape == (0, 1, 28, 28)
+    assert len(mnist.read_idx_labels(empty_labels)) == 0
+
+    huge = tmp_path / "huge.gz"  # counts are unsigned: 2^31 images, not a negative number
+    _idx(huge, 0x803, (2**31, 28, 28), b"")
+    with pytest.raises(DitlabError, match=f"header says {2**31} images"):
+        mnist.read_idx_images(huge)
+
+    labels = tmp_path / "labels.gz"
+    _idx(labels, 0x801, (3,), bytes([0, 9, 10]))
+    with pytest.raises(DitlabError, match="label 10 is out of range 0..9"):  # 10 classes by default
+        mnist.read_idx_labels(labels)
+    assert mnist.read_idx_labels(labels, num_classes=11).tolist() == [0, 9, 10]
+
+    # load_idx_dataset: the training split by default, and its expected count checked
+    monkeypatch.setitem(mnist.IDX_FILES, "train", ("train-images.gz", "train-labels.gz", 2))
+    _idx(tmp_path / "train-images.gz", 0x803, (2, 28, 28), pixels)
+    _idx(tmp_path / "train-labels.gz", 0x801, (2,), bytes([4, 2]))
+    images, labels = mnist.load_idx_dataset(tmp_path)
+    assert images.flatten().tolist() == list(pixels) and labels.tolist() == [4, 2]
+    monkeypatch.setitem(mnist.IDX_FILES, "train", ("train-images.gz", "train-labels.gz", 3))
+    with pytest.raises(DitlabError, match="2 images, expected 3 for the train split"):
+        mnist.load_idx_dataset(tmp_path)
+
+
+def test_image_dataset_maps_bytes_to_the_unit_interval():
+    from ditlab.data.mnist import ImageTensorDataset
+
+    images = torch.tensor([0, 1, 128, 254, 255], dtype=torch.uint8).view(5, 1, 1, 1)
+    ds = ImageTensorDataset(images, torch.arange(5), num_classes=10)
+    # two float32 roundings (the division, the subtraction) of values below 2 in magnitude: 2^-23 each at most
+    assert [float(ds[i][0]) for i in range(5)] == pytest.approx([v / 127.5 - 1 for v in (0, 1, 128, 254, 255)],
+                                                                abs=2 * 2**-23)
+    assert float(ds[0][0]) == -1.0 and float(ds[4][0]) == 1.0
+    for bad in (images.float(), images.view(5, 1, 1), None):  # not uint8, not 4-D, 5 images for 4 labels
+        with pytest.raises(AssertionError):
+            if bad is None:
+                ImageTensorDataset(images, torch.arange(4), num_classes=10)
+            else:
+                ImageTensorDataset(bad, torch.arange(5), num_classes=10)
+
+
+def test_idx_data_is_found_under_ditlab_data(tmp_path, monkeypatch):
+    from ditlab.data.mnist import default_dir
+
+    monkeypatch.setenv("DITLAB_DATA", str(tmp_path))
+    assert default_dir("fashion-mnist") == tmp_path / "fashion-mnist"
+    monkeypatch.delenv("DITLAB_DATA")
+    with pytest.raises(DitlabError, match="data.source=mnist needs data.path or the DITLAB_DATA"):
+        default_dir("mnist")
+
+
 def test_center_crop_is_adm():
     # A 90x60 image -> 16: box-halve to 45x30 (30 >= 32 fails? no: 60 >= 32 once), then bicubic.
     arr = np.zeros((60, 90, 3), dtype=np.uint8)

@@ -7,9 +7,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from ditlab.cli import main
 from ditlab.config import load_config
 
-pytest.importorskip("ditlab.models.dit")
-
-from ditlab.eval.flops import count_flops, measure  # noqa: E402
+from ditlab.eval.flops import count_flops, measure
+from ditlab.models import build_model
+from ditlab.models.onednn import onednn_available
 
 # Peebles & Xie 2023, Table 4 (Gflops of one forward pass at 256x256).
 PAPER_GFLOPS = {
@@ -48,6 +48,64 @@ def test_attention_counted_analytically():
     assert count_flops(meta_model) == count_flops(model)
 
 
+def test_fused_cpu_kernels_count_as_their_meta_decomposition():
+    """On the CPU the model runs oneDNN's linear and the fused attention kernel, which torch's counter
+    does not know (`FORMULAS`); on meta the same model runs aten's mm and bmm's, which it does. Both
+    must count the same FLOPs, with a batch of 3, 49 tokens against 64-dim heads, and cross-attention
+    (keys from the conditioning tokens, not from the 49 image tokens)."""
+    base = ["model.input_size=28", "model.in_channels=1", "model.num_classes=10", "model.name=DiT-S/4"]
+    for extra in ([], ["model.conditioning=cross_attn"]):
+        cfg = load_config(None, base + extra)
+        cpu = build_model(cfg).eval()
+        assert any(type(m).__name__ == "OneDNNLinear" for m in cpu.modules()) == onednn_available()
+        with torch.device("meta"):
+            meta = build_model(cfg).eval()
+        assert count_flops(cpu, batch=3) == count_flops(meta, batch=3)
+
+
+def test_step_size_embedder_counted_for_shortcut_models():
+    """A shortcut model is called with dt= and pays for its step-size embedder: the plain model's count
+    plus that embedder's linears (in x out MACs each, one image)."""
+    base = ["model.input_size=28", "model.in_channels=1", "model.num_classes=10", "model.name=DiT-S/4"]
+    plain = measure(load_config(None, base + ["objective.kind=flow"]))  # no learned sigma either
+    shortcut_cfg = load_config(None, base + ["objective.kind=shortcut"])
+    shortcut = measure(shortcut_cfg)
+    embedder = build_model(shortcut_cfg).d_embedder
+    macs = sum(m.in_features * m.out_features for m in embedder.modules() if isinstance(m, torch.nn.Linear))
+    assert macs > 0
+    assert shortcut["gflops"] * 1e9 == pytest.approx(plain["gflops"] * 1e9 + macs, abs=0.5)  # integers
+    assert shortcut["params"] == plain["params"] + sum(p.numel() for p in embedder.parameters())
+
+
+def test_models_are_counted_on_meta_and_on_the_cpu_when_meta_fails(monkeypatch):
+    """Counting builds the model on meta (no memory, so DiT-XL/2 costs nothing); a model whose forward
+    cannot run there (here: `.item()`, which needs values) is built again and counted on the CPU."""
+    import ditlab.models.flops as flops
+
+    cfg = load_config(None, ["model.input_size=28", "model.in_channels=1", "model.num_classes=10", "model.name=DiT-S/4"])
+    assert next(flops.build_for_counting(cfg).parameters()).device.type == "meta"
+
+    class NeedsValues(torch.nn.Module):
+        input_size, in_channels = 4, 1
+
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(16, 3)
+
+        def forward(self, x, t, y):
+            if x.sum().item() > 0:  # fails on meta
+                x = -x
+            return self.linear(x.flatten(1))
+
+    monkeypatch.setattr(flops, "build_model", lambda c: NeedsValues())
+    with torch.device("meta"):
+        on_meta = NeedsValues()
+    with pytest.raises(RuntimeError, match="meta"):
+        flops.count_flops(on_meta)
+    r = flops.measure(cfg)
+    assert r["gflops"] == 16 * 3 / 1e9 and r["params"] == 16 * 3 + 3
+
+
 def hand_count_macs(model) -> int:
     """MACs of one forward pass counted by hand: every conv and linear from its output size and
     fan-in, and each U-Net attention as QK^T plus AV, 2 (HW)^2 C multiply-accumulates."""
@@ -79,8 +137,6 @@ def hand_count_macs(model) -> int:
 
 
 def test_unet_and_variants_count():
-    from ditlab.models import build_model
-
     base = ["model.input_size=28", "model.in_channels=1", "model.num_classes=10"]
     cfg = load_config(None, base + ["model.name=unet"])
     unet = measure(cfg)

@@ -93,6 +93,37 @@ def test_optimizer_follows_the_cosine_schedule(tmp_path):
     assert expected[-1] == pytest.approx(floor)  # the last update is made at the floor
 
 
+def documented_lr(n: int, lr: float, warmup: int, schedule: str, min_lr: float, horizon: int) -> float:
+    """train/schedule.py's docstring, written out for update n = 1, 2, ..."""
+    if warmup and n <= warmup:
+        return lr * n / warmup
+    if schedule == "constant":
+        return lr
+    return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * min(1, (n - warmup) / (horizon - warmup)))) / 2
+
+
+@pytest.mark.parametrize("warmup, schedule, decay_steps, total", [
+    (0, "constant", None, 5),   # the default: no warm-up at all
+    (0, "cosine", None, 5),     # cosine from the first update
+    (2, "cosine", 3, 8),        # a one-update decay (horizon - warm-up = 1), then the floor past the horizon
+    (2, "cosine", 5, 9),        # decay_steps, not train.steps, sets the horizon
+    (3, "cosine", None, 7),
+])
+def test_lr_at_is_the_documented_schedule(warmup, schedule, decay_steps, total):
+    from ditlab.train.schedule import lr_at
+
+    lr, floor = 1e-3, 1e-5
+    cosine = [f"optim.min_lr={floor}"] + ([f"optim.decay_steps={decay_steps}"] if decay_steps else [])
+    o = load_config(None, [f"optim.lr={lr}", f"optim.warmup_steps={warmup}", f"optim.lr_schedule={schedule}"]
+                    + (cosine if schedule == "cosine" else [])).optim
+    horizon = decay_steps or total
+    got = [lr_at(o, step, total) for step in range(total)]
+    assert got == pytest.approx([documented_lr(n, lr, warmup, schedule, floor, horizon) for n in range(1, total + 1)],
+                                rel=1e-12)
+    if schedule == "cosine":
+        assert got[horizon - 1:] == pytest.approx([floor] * (total - horizon + 1), rel=1e-12)
+
+
 def test_first_update_is_adamw_with_the_warmed_up_rate(watched_run):
     # Bias-corrected Adam's first step is -lr g / (|g| + eps) per element: the moved distance is lr
     # wherever |g| >> eps, so the saved weights tell the rate in effect (LR / WARMUP, not LR).

@@ -78,6 +78,18 @@ MODULES: dict[str, tuple[list[str], str | None]] = {
     "eval/classifier.py": (["tests/test_eval_classifier.py", "tests/test_eval_wiring.py", "tests/test_eval_command.py"], None),
     "eval/inception.py": (["tests/test_eval_inception.py", "tests/test_eval_fid.py", "tests/test_eval_fid_inputs.py"], None),
     "models/flops.py": (["tests/test_eval_flops.py"], None),
+    "train/schedule.py": (["tests/test_train_schedules.py"], None),
+    "train/batch.py": (["tests/test_train_validation.py", "tests/test_data.py", "tests/test_train.py"],
+                       "not locked and not holder and not gloo and not repo_quickstart_config"),
+    # data and codecs: what a model trains on
+    "data/mnist.py": (["tests/test_data.py", "tests/test_bad_input.py", "tests/test_eval_classifier.py"], None),
+    "data/text.py": (["tests/test_lm_data.py", "tests/test_lm_eval.py", "tests/test_lm_train.py"], "not gloo"),
+    "codecs/tokenizers.py": (["tests/test_tokenizers.py", "tests/test_codec.py"], None),
+    # checkpoints and runs: what a command loads
+    "models/loading.py": (["tests/test_convert.py", "tests/test_sample_cli.py", "tests/test_bad_input.py"], None),
+    "runs.py": (["tests/test_sample_cli.py", "tests/test_reliability.py", "tests/test_bad_input.py",
+                 "tests/test_sampling_arguments.py", "tests/test_train.py"],
+                "not locked and not holder and not signal and not gloo and not first_signal and not sigterm"),
     **{module: (["tests/test_dit.py", "tests/test_dit_ablations.py", "tests/test_dit_variants.py", "tests/test_layers.py",
                  "tests/test_official_fixtures.py", "tests/test_layout_compat.py"], None)
        for module in ("models/dit.py", "models/layers.py")},

@@ -96,7 +96,7 @@ def read_idx_images(path: Path) -> Tensor:
         raise DitlabError(f"{path}: images are {rows}x{cols}, expected 28x28")
     if len(data) != 16 + n * rows * cols:
         raise DitlabError(f"{path}: header says {n} images ({16 + n * rows * cols} bytes) but the file holds {len(data)} bytes")
-    return torch.frombuffer(bytearray(data[16:]), dtype=torch.uint8).view(n, 1, rows, cols)
+    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=16).copy()).view(n, 1, rows, cols)
 
 
 def read_idx_labels(path: Path, num_classes: int = 10) -> Tensor:
@@ -108,7 +108,7 @@ def read_idx_labels(path: Path, num_classes: int = 10) -> Tensor:
         raise DitlabError(f"{path}: bad IDX magic 0x{magic:08x} (expected 0x{IDX_LABELS_MAGIC:08x} for labels)")
     if len(data) != 8 + n:
         raise DitlabError(f"{path}: header says {n} labels but the file holds {len(data) - 8}")
-    labels = torch.frombuffer(bytearray(data[8:]), dtype=torch.uint8).long()
+    labels = torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=8).astype(np.int64))
     if n and int(labels.max()) >= num_classes:
         raise DitlabError(f"{path}: label {int(labels.max())} is out of range 0..{num_classes - 1}")
     return labels
