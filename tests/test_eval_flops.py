@@ -75,35 +75,58 @@ def test_step_size_embedder_counted_for_shortcut_models():
     assert macs > 0
     assert shortcut["gflops"] * 1e9 == pytest.approx(plain["gflops"] * 1e9 + macs, abs=0.5)  # integers
     assert shortcut["params"] == plain["params"] + sum(p.numel() for p in embedder.parameters())
+    with torch.device("meta"):  # dt made where the model lives (a CPU dt beside meta weights fails)
+        on_meta = build_model(shortcut_cfg).eval()
+    assert count_flops(on_meta) / 2 == shortcut["gflops"] * 1e9
 
 
-def test_models_are_counted_on_meta_and_on_the_cpu_when_meta_fails(monkeypatch):
-    """Counting builds the model on meta (no memory, so DiT-XL/2 costs nothing); a model whose forward
-    cannot run there (here: `.item()`, which needs values) is built again and counted on the CPU."""
+class NeedsValues(torch.nn.Module):
+    """A model whose forward reads a value (`.item()`), which the meta device does not have."""
+    input_size, in_channels = 4, 1
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(16, 3)
+
+    def forward(self, x, t, y):
+        if x.sum().item() > 0:
+            x = -x
+        return self.linear(x.flatten(1))
+
+
+@pytest.mark.parametrize("fails", ["nothing", "construction", "forward"])
+def test_models_are_counted_on_meta_and_on_the_cpu_where_meta_fails(monkeypatch, fails):
+    """Counting builds the model once, on meta (no memory: DiT-XL/2 costs nothing). A model that cannot
+    be built there, or whose forward cannot run there, is built again and counted on the CPU."""
     import ditlab.models.flops as flops
 
     cfg = load_config(None, ["model.input_size=28", "model.in_channels=1", "model.num_classes=10", "model.name=DiT-S/4"])
-    assert next(flops.build_for_counting(cfg).parameters()).device.type == "meta"
+    expected = flops.measure(cfg)
+    built = []
 
-    class NeedsValues(torch.nn.Module):
-        input_size, in_channels = 4, 1
+    def build(c):
+        assert c is cfg
+        device = torch.get_default_device().type
+        built.append(device)
+        if fails == "nothing":
+            return build_model(c)
+        if fails == "construction" and device == "meta":
+            raise RuntimeError("cannot build on meta")
+        return NeedsValues()
 
-        def __init__(self):
-            super().__init__()
-            self.linear = torch.nn.Linear(16, 3)
-
-        def forward(self, x, t, y):
-            if x.sum().item() > 0:  # fails on meta
-                x = -x
-            return self.linear(x.flatten(1))
-
-    monkeypatch.setattr(flops, "build_model", lambda c: NeedsValues())
-    with torch.device("meta"):
-        on_meta = NeedsValues()
-    with pytest.raises(RuntimeError, match="meta"):
-        flops.count_flops(on_meta)
+    monkeypatch.setattr(flops, "build_model", build)
+    if fails == "nothing":
+        assert next(flops.build_for_counting(cfg).parameters()).device.type == "meta"
+        built.clear()
+        assert flops.measure(cfg) == expected
+        assert built == ["meta"]
+        return
     r = flops.measure(cfg)
     assert r["gflops"] == 16 * 3 / 1e9 and r["params"] == 16 * 3 + 3
+    assert built == ["meta", "cpu"]
+    with torch.device("meta"):
+        with pytest.raises(RuntimeError, match="meta"):
+            flops.count_flops(NeedsValues())
 
 
 def hand_count_macs(model) -> int:

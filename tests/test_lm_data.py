@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditlab.data.text import ByteCorpus, load_bytes, random_batch, sequential_batches, split_bounds
+from ditlab.data.text import (ByteCorpus, TextWindows, default_cache_dir, default_text_path, load_bytes, random_batch,
+                              sequential_batches, split_bounds)
 from ditlab.errors import DitlabError
 from ditlab.eval.lm import bits_per_byte, bpb_by_position
 from ditlab.models.lm import build_lm
@@ -112,6 +114,74 @@ def test_sequential_batches_predict_every_byte_once_in_order(n):
     assert sum(len(x) for x, _ in full) == (n - 1) // 8 and all(x.shape[1] == 8 for x, _ in full)
     limited = list(sequential_batches(data, seq_len=8, batch_size=3, max_bytes=20))
     assert [int(v) for _, y in limited for v in y.flatten()] == list(range(1, min(n, 20)))
+
+
+def test_default_corpus_and_cache_locations(tmp_path, monkeypatch):
+    monkeypatch.setenv("DITLAB_DATA", str(tmp_path / "data"))
+    assert default_text_path() == tmp_path / "data" / "text" / "gcide.txt.gz"
+    monkeypatch.delenv("DITLAB_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "ditlab"
+    monkeypatch.setenv("DITLAB_CACHE", str(tmp_path / "cache"))
+    assert default_cache_dir() == tmp_path / "cache"
+
+
+def test_a_failed_decompression_leaves_no_temporary_file(tmp_path, monkeypatch):
+    broken = tmp_path / "broken.txt.gz"
+    broken.write_bytes(gzip.compress(b"some text that is cut short")[:-12])
+    with pytest.raises(DitlabError, match="cannot decompress"):
+        load_bytes(broken, cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache" / "text").iterdir()) == []
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    good = tmp_path / "good.txt.gz"
+    good.write_bytes(gzip.compress(b"some text"))
+    monkeypatch.setattr(shutil, "copyfileobj", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # not swallowed, and nothing half-written is left
+        load_bytes(good, cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache" / "text").iterdir()) == []
+
+
+def _bytes_file(tmp_path, n: int) -> Path:
+    path = tmp_path / f"c{n}.txt"
+    path.write_bytes(bytes(range(n)))
+    return path
+
+
+def test_smallest_splits_windows_and_batches(tmp_path):
+    """The boundaries: a split of 2 bytes (one input-target pair), exactly one window, a window count
+    from split length L k and L k + 1, random windows that may start at 0 and end at the last byte."""
+    data = load_bytes(_bytes_file(tmp_path, 40))
+    assert data.dtype == np.uint8 and not data.flags.writeable  # a read-only memmap
+    val = ByteCorpus(_bytes_file(tmp_path, 40), "val")  # bytes [36, 38)
+    assert val.data.tolist() == [36, 37]
+    assert repr(val) == f"ByteCorpus({str(tmp_path / 'c40.txt')!r}, split='val', 2 bytes)"
+    with pytest.raises(DitlabError, match="the val split holds only 1 byte"):
+        ByteCorpus(_bytes_file(tmp_path, 20), "val")  # bytes [18, 19)
+
+    # train splits of 12, 13 and 5 bytes (n * 9 // 10), windows of 4 bytes
+    assert len(TextWindows(ByteCorpus(_bytes_file(tmp_path, 14)), 4)) == 2  # 11 targets: 2 full windows
+    assert len(TextWindows(ByteCorpus(_bytes_file(tmp_path, 15)), 4)) == 3  # 12 targets: 3
+    one = TextWindows(ByteCorpus(_bytes_file(tmp_path, 6)), 4)
+    assert len(one) == 1 and [t.tolist() for t in one[0]] == [[0, 1, 2, 3], [1, 2, 3, 4]]
+    with pytest.raises(DitlabError, match="fewer than one window"):
+        TextWindows(ByteCorpus(_bytes_file(tmp_path, 5)), 4)  # 4 bytes, 3 targets
+
+    exact = np.arange(5, dtype=np.uint8)
+    x, y = random_batch(exact, 3, 4, torch.Generator().manual_seed(0))  # only one window fits
+    assert x.tolist() == [[0, 1, 2, 3]] * 3 and y.tolist() == [[1, 2, 3, 4]] * 3
+    x, _ = random_batch(np.arange(6, dtype=np.uint8), 64, 4, torch.Generator().manual_seed(0))
+    assert set(x[:, 0].tolist()) == {0, 1}  # both offsets drawn
+
+    assert list(sequential_batches(np.zeros(0, dtype=np.uint8), 4, 2)) == []
+    pairs = list(sequential_batches(np.arange(2, dtype=np.uint8), 1, 2, drop_last=True))
+    assert [(x.tolist(), y.tolist()) for x, y in pairs] == [([[0]], [[1]])]
+    corpus = ByteCorpus(_bytes_file(tmp_path, 40))
+    own = [(x.tolist(), y.tolist()) for x, y in corpus.sequential_batches(5, 2, max_bytes=33)]
+    assert own == [(x.tolist(), y.tolist()) for x, y in sequential_batches(corpus.data, 5, 2, 33, False)]
+    assert own[-1] == ([[30, 31]], [[31, 32]])  # the tail comes by default
 
 
 class UniformLM(nn.Module):

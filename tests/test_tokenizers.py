@@ -100,6 +100,53 @@ def test_bad_tokenizer_inputs(tmp_path):
         load_tokenizer(other)
 
 
+def test_conv2_is_two_strided_convolutions_with_a_silu_between():
+    """The notes' 2-layer tokenizer written out with F.conv2d / F.conv_transpose2d (defaults: 4x4
+    patches to 16 channels through 64 hidden, one input channel)."""
+    import torch.nn.functional as F
+
+    tok = ConvTokenizer()
+    assert (tok.kind, tok.token_dim, tok.image_channels, tok.hidden, tok.downsample) == ("conv2", 16, 1, 64, 4)
+    e1, e2 = tok.encoder[0], tok.encoder[2]
+    d1, d2 = tok.decoder[0], tok.decoder[2]
+    x = digits(4)
+    raw = F.conv2d(F.silu(F.conv2d(x, e1.weight, e1.bias, stride=2)), e2.weight, e2.bias, stride=2)
+    with torch.no_grad():
+        tok.latent_mean.copy_(torch.linspace(-1, 1, 16))
+        tok.latent_std.copy_(torch.linspace(0.5, 2, 16))
+    z = tok.encode(x)
+    mean, std = tok.latent_mean.view(1, -1, 1, 1), tok.latent_std.view(1, -1, 1, 1)
+    torch.testing.assert_close(z, (raw - mean) / std)
+    pixels = F.conv_transpose2d(F.silu(F.conv_transpose2d(z * std + mean, d1.weight, d1.bias, stride=2)),
+                                d2.weight, d2.bias, stride=2)
+    torch.testing.assert_close(tok.decode(z), pixels)
+    torch.testing.assert_close(tok.decode(z.double()), pixels)  # float64 latents (a sampler's) decode too
+
+
+@pytest.mark.parametrize("sizes, ok", [((1, 1, 1), True), ((0, 1, 1), False), ((1, 0, 1), False), ((1, 1, 0), False)])
+def test_tokenizer_sizes_must_be_positive(sizes, ok):
+    token_dim, in_channels, hidden = sizes
+    if ok:
+        tok = ConvTokenizer("conv2", token_dim, in_channels, hidden)
+        assert tok.encode(torch.zeros(1, 1, 8, 8)).shape == (1, 1, 2, 2)
+    else:
+        with pytest.raises(DitlabError, match="sizes must be positive"):
+            ConvTokenizer("conv2", token_dim, in_channels, hidden)
+
+
+def test_tokenizer_files_load_from_their_folder_and_must_match_their_metadata(tmp_path):
+    from safetensors.torch import save_file
+
+    tok = ConvTokenizer("conv1", 8)
+    save_tokenizer(tok, tmp_path / "tokenizer.safetensors")
+    loaded = load_tokenizer(tmp_path)  # a folder holding tokenizer.safetensors
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in tok.state_dict().items())
+    state = {k: v.contiguous() for k, v in tok.state_dict().items() if k != "latent_std"}
+    save_file(state, str(tmp_path / "partial.safetensors"), metadata=tok.metadata())
+    with pytest.raises(DitlabError, match="does not match its metadata: missing .'latent_std'."):
+        load_tokenizer(tmp_path / "partial.safetensors")
+
+
 def test_cli_trains_and_writes(tmp_path, capsys):
     out = tmp_path / "tok"
     code = main(["train-tokenizer", "--kind", "conv1", "--token-dim", "8", "--data", "mnist-embedded",
