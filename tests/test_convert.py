@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,6 +59,40 @@ def test_official_checkpoint_layouts_load_strictly(tmp_path):
     assert torch.equal(target(x, t, y), model(x, t, y))
 
 
+class RunsCode:
+    """Unpickling this creates a file: what a checkpoint must never be able to do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_checkpoint_entries_and_pickled_code(tmp_path):
+    model, other = random_dit(0), random_dit(1)
+    torch.save({"model": model.state_dict(), "ema": other.state_dict()}, tmp_path / "both.pt")
+    assert torch.equal(load_state_dict_file(tmp_path / "both.pt")["final_layer.linear.weight"],
+                       other.state_dict()["final_layer.linear.weight"])  # EMA by default
+    for only in ("model", "ema"):  # a checkpoint with one of the two entries gives that one
+        torch.save({only: model.state_dict()}, tmp_path / f"{only}.pt")
+        assert set(load_state_dict_file(tmp_path / f"{only}.pt")) == set(model.state_dict())
+    target = DiT(**KW).eval()
+    load_weights(target, other.state_dict())  # a state dict in memory, checked the same way
+    x, t, y = inputs()
+    assert torch.equal(target(x, t, y), other(x, t, y))
+
+    marker = tmp_path / "pwned"
+    torch.save({"model": model.state_dict(), "extra": RunsCode(marker)}, tmp_path / "code.pt")
+    with pytest.raises(DitlabError) as e:
+        load_state_dict_file(tmp_path / "code.pt")
+    assert not marker.exists()  # refused, and never run; torch's reason in one line:
+    message = str(e.value)
+    assert message.startswith(f"cannot read checkpoint {tmp_path / 'code.pt'} (not a torch checkpoint of tensors: "
+                              "Unsupported global: GLOBAL ")
+    assert message.endswith(" was not an allowed global by default)") and "\n" not in message
+
+
 def test_mismatched_checkpoint_names_keys_and_shapes(tmp_path):
     torch.save(random_dit(0).state_dict(), tmp_path / "small.pt")
     bigger = DiT(**{**KW, "depth": 3, "input_size": 16})
@@ -65,7 +100,8 @@ def test_mismatched_checkpoint_names_keys_and_shapes(tmp_path):
         load_weights(bigger, tmp_path / "small.pt")
     msg = str(e.value)
     assert "\n" not in msg
-    assert "missing keys: blocks.2.attn.qkv.weight" in msg
+    assert ("missing keys: blocks.2.attn.qkv.weight, blocks.2.attn.qkv.bias, blocks.2.attn.proj.weight, "
+            "blocks.2.attn.proj.bias, blocks.2.mlp.fc1.weight (+5 more); shape mismatch") in msg
     assert "pos_embed (1, 16, 32) vs model (1, 64, 32)" in msg
     with pytest.raises(DitlabError, match="unexpected keys: blocks.1"):
         load_weights(DiT(**{**KW, "depth": 1}), tmp_path / "small.pt")

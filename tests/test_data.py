@@ -135,6 +135,9 @@ def test_idx_readers_on_hand_written_files(tmp_path, monkeypatch):
     _idx(huge, 0x803, (2**31, 28, 28), b"")
     with pytest.raises(DitlabError, match=f"header says {2**31} images"):
         mnist.read_idx_images(huge)
+    _idx(huge, 0x801, (2**31,), b"")
+    with pytest.raises(DitlabError, match=f"header says {2**31} labels"):
+        mnist.read_idx_labels(huge)
 
     labels = tmp_path / "labels.gz"
     _idx(labels, 0x801, (3,), bytes([0, 9, 10]))

@@ -20,9 +20,10 @@ _PREFIXES = ("module.", "_orig_mod.")
 
 def _first_line(e: BaseException) -> str:
     text = [line for line in str(e).strip().splitlines() if line.strip()]
-    if "WeightsUnpickler error:" in str(e):  # torch's long weights_only message: keep the reason
-        reason = text[text.index(next(t for t in text if "WeightsUnpickler error:" in t)) + 1 :][:1]
-        return "not a torch checkpoint of tensors: " + (reason[0].strip() if reason else "unpickling refused")
+    marker = "WeightsUnpickler error:"
+    if marker in str(e):  # torch's long weights_only message: keep the first sentence of its reason
+        reason = next(t for t in text if marker in t).split(marker, 1)[1].strip().split(". ")[0].rstrip(".")
+        return "not a torch checkpoint of tensors: " + (reason or "unpickling refused")
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
