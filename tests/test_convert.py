@@ -79,6 +79,10 @@ def test_checkpoint_entries_and_pickled_code(tmp_path):
         assert set(load_state_dict_file(tmp_path / f"{only}.pt")) == set(model.state_dict())
     target = DiT(**KW).eval()
     load_weights(target, other.state_dict())  # a state dict in memory, checked the same way
+    with pytest.raises(DitlabError, match=r"^state dict does not match the model; missing keys: pos_embed, "):
+        load_weights(target, {})
+    with pytest.raises(DitlabError, match=r"^checkpoint run 7 does not match the model; unexpected keys: extra$"):
+        load_weights(target, {**other.state_dict(), "extra": torch.zeros(1)}, source="run 7")
     x, t, y = inputs()
     assert torch.equal(target(x, t, y), other(x, t, y))
 
@@ -102,6 +106,7 @@ def test_mismatched_checkpoint_names_keys_and_shapes(tmp_path):
     assert "\n" not in msg
     assert ("missing keys: blocks.2.attn.qkv.weight, blocks.2.attn.qkv.bias, blocks.2.attn.proj.weight, "
             "blocks.2.attn.proj.bias, blocks.2.mlp.fc1.weight (+5 more); shape mismatch") in msg
+    assert msg.endswith("; shape mismatch: pos_embed (1, 16, 32) vs model (1, 64, 32)")  # one: no "(+n more)"
     assert "pos_embed (1, 16, 32) vs model (1, 64, 32)" in msg
     with pytest.raises(DitlabError, match="unexpected keys: blocks.1"):
         load_weights(DiT(**{**KW, "depth": 1}), tmp_path / "small.pt")
@@ -116,6 +121,8 @@ def test_unreadable_files_are_one_line_errors(tmp_path, name, payload, message):
     with pytest.raises(DitlabError, match=message) as e:
         load_state_dict_file(tmp_path / name)
     assert "\n" not in str(e.value)
+    if name.endswith(".pt"):  # torch's reason, from the line after its "WeightsUnpickler error:"
+        assert "(not a torch checkpoint of tensors: Unsupported operand " in str(e.value)
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(DitlabError, match="holds a list, not a state dict"):
         load_state_dict_file(tmp_path / "list.pt")

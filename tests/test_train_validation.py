@@ -203,3 +203,32 @@ def test_quickstart_guidance_is_the_smallest_the_classifier_accepts(monkeypatch,
 
     monkeypatch.setattr(quickstart, "class_accuracy", no_classifier)
     assert quickstart.choose_guidance(run, np.arange(10), seed=1) == run.cfg.sample.cfg_scale == 5.0
+
+
+def test_prepare_batch_flips_with_its_generator_and_checks_labels():
+    """Flips drawn from `gen_cpu` (one uniform per image, flip below 1/2), whatever the global RNG:
+    a paired batch keeps the first or the second half of its channels (image or mirror latents), a
+    random flip mirrors the width; no flip unless asked; labels checked against num_classes."""
+    from ditlab.errors import DitlabError
+    from ditlab.train.batch import prepare_batch
+
+    cpu = torch.device("cpu")
+    x = torch.randn(8, 6, 2, 4, generator=torch.Generator().manual_seed(1))  # 3 channels + their mirror
+    y = torch.arange(8)
+    flips = (torch.rand(8, generator=torch.Generator().manual_seed(7)) < 0.5).tolist()
+    assert 0 < sum(flips) < 8
+    torch.manual_seed(123)
+    paired, labels = prepare_batch(x, y, num_classes=10, device=cpu, gen_cpu=torch.Generator().manual_seed(7),
+                                   paired_flip=True)
+    assert torch.equal(labels, y)
+    for i, f in enumerate(flips):
+        assert torch.equal(paired[i], x[i, 3:] if f else x[i, :3])
+    torch.manual_seed(456)
+    mirrored, _ = prepare_batch(x, y, num_classes=10, device=cpu, gen_cpu=torch.Generator().manual_seed(7),
+                                random_flip=True)
+    for i, f in enumerate(flips):
+        assert torch.equal(mirrored[i], x[i].flip(-1) if f else x[i])
+    plain, _ = prepare_batch(x, y, num_classes=10, device=cpu, gen_cpu=torch.Generator().manual_seed(7))
+    assert torch.equal(plain, x)
+    with pytest.raises(DitlabError, match="label 1 out of range 0..0"):
+        prepare_batch(x[:2], torch.tensor([0, 1]), num_classes=1, device=cpu, gen_cpu=torch.Generator())

@@ -21,9 +21,10 @@ _PREFIXES = ("module.", "_orig_mod.")
 def _first_line(e: BaseException) -> str:
     text = [line for line in str(e).strip().splitlines() if line.strip()]
     marker = "WeightsUnpickler error:"
-    if marker in str(e):  # torch's long weights_only message: keep the first sentence of its reason
-        reason = next(t for t in text if marker in t).split(marker, 1)[1].strip().split(". ")[0].rstrip(".")
-        return "not a torch checkpoint of tensors: " + (reason or "unpickling refused")
+    if marker in str(e):  # torch's long weights_only message: keep the first sentence of its reason,
+        i = next(k for k, t in enumerate(text) if marker in t)  # on the marker's line or the next one
+        reason = next((t.strip() for t in [text[i].split(marker, 1)[1], *text[i + 1 : i + 2]] if t.strip()), "")
+        return "not a torch checkpoint of tensors: " + (reason.split(". ")[0].rstrip(".") or "unpickling refused")
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
