@@ -232,3 +232,27 @@ def test_prepare_batch_flips_with_its_generator_and_checks_labels():
     assert torch.equal(plain, x)
     with pytest.raises(DitlabError, match="label 1 out of range 0..0"):
         prepare_batch(x[:2], torch.tensor([0, 1]), num_classes=1, device=cpu, gen_cpu=torch.Generator())
+
+
+def test_check_data_with_a_codec_checks_the_latent_grid():
+    """With a tokenizer the model must fit its latent grid (4x4 patches to 16 channels: 7x7x16 for
+    28x28 digits), and the images its input channels."""
+    from ditlab.codecs.tokenizers import ConvTokenizer
+    from ditlab.data.mnist import ImageTensorDataset
+    from ditlab.errors import DitlabError
+    from ditlab.models.dit import DiT
+    from ditlab.train.batch import check_data
+
+    digits = ImageTensorDataset(torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.tensor([0, 1]), num_classes=10)
+    tokenizer = ConvTokenizer("conv2", 16)
+
+    def dit(channels: int, size: int) -> DiT:
+        return DiT(input_size=size, patch_size=1, in_channels=channels, hidden_size=8, depth=1, num_heads=1, num_classes=10)
+
+    check_data(digits, tokenizer, dit(16, 7))
+    for channels, size in ((1, 28), (16, 14), (8, 7)):
+        with pytest.raises(DitlabError, match=r"data gives samples of shape \[16, 7, 7\]"):
+            check_data(digits, tokenizer, dit(channels, size))
+    rgb = ImageTensorDataset(torch.zeros(2, 3, 28, 28, dtype=torch.uint8), torch.tensor([0, 1]), num_classes=10)
+    with pytest.raises(DitlabError, match="the data has 3 channel"):
+        check_data(rgb, tokenizer, dit(16, 7))
