@@ -256,3 +256,53 @@ def test_check_data_with_a_codec_checks_the_latent_grid():
     rgb = ImageTensorDataset(torch.zeros(2, 3, 28, 28, dtype=torch.uint8), torch.tensor([0, 1]), num_classes=10)
     with pytest.raises(DitlabError, match="the data has 3 channel"):
         check_data(rgb, tokenizer, dit(16, 7))
+
+
+def test_batches_through_a_codec_and_the_data_checks_at_their_bounds():
+    """On-the-fly encoding draws its noise from a generator seeded by `gen_cpu` (reproducible whatever
+    the global RNG); paired latents count half their channels; labels are checked only for a
+    conditional model; an unconditional model samples without guidance whatever the config says."""
+    from ditlab.config import SampleConfig
+    from ditlab.data.mnist import ImageTensorDataset
+    from ditlab.errors import DitlabError
+    from ditlab.models.dit import DiT
+    from ditlab.objectives.flow import FlowObjective
+    from ditlab.train.batch import check_data, check_image_run, prepare_batch
+
+    class NoisyCodec:  # what matters of a VAE here: encode(x, generator) samples
+        def encode(self, x, generator):
+            return 2 * x + torch.randn(x.shape, generator=generator)
+
+    x, y = torch.randn(4, 1, 4, 4), torch.arange(4)
+
+    def encoded(seed: int, global_seed: int) -> torch.Tensor:
+        torch.manual_seed(global_seed)
+        return prepare_batch(x, y, num_classes=10, device=torch.device("cpu"),
+                             gen_cpu=torch.Generator().manual_seed(seed), codec=NoisyCodec())[0]
+
+    first = encoded(0, 1)
+    assert torch.equal(first, encoded(0, 2)) and not torch.equal(first, encoded(1, 1))
+    assert 0.5 < float((first - 2 * x).std()) < 2  # encoded: the codec's noise on top of 2 x
+
+    def dit(classes: int, channels: int = 1) -> DiT:
+        return DiT(input_size=4, patch_size=1, in_channels=channels, hidden_size=8, depth=1, num_heads=1,
+                   num_classes=classes)
+
+    paired = ImageTensorDataset(torch.zeros(2, 8, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), num_classes=2)
+    paired.paired_flip = True
+    check_data(paired, None, dit(2, channels=4))  # 8 stored channels: 4 of the image, 4 of its mirror
+    with pytest.raises(DitlabError, match=r"shape \[4, 4, 4\]"):
+        check_data(paired, None, dit(2, channels=8))
+
+    labelled = ImageTensorDataset(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), num_classes=2)
+    check_data(labelled, None, dit(0))  # an unconditional model ignores the labels
+    with pytest.raises(DitlabError, match="data has labels 0..1 but model.num_classes is 1"):
+        check_data(labelled, None, dit(1))
+    unlabelled = ImageTensorDataset(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 0]), num_classes=2)
+    del unlabelled.num_classes  # a dataset that does not say how many classes it has
+    check_data(unlabelled, None, dit(1))
+    check_image_run(labelled, None, dit(0), FlowObjective(), SampleConfig(cfg_scale=5.0))  # no guidance to check
+    from ditlab.objectives.guidance import check_guidance
+
+    with pytest.raises(DitlabError):  # what check_image_run must not ask of an unconditional model
+        check_guidance(dit(0), 5.0)
