@@ -165,12 +165,10 @@ def test_image_dataset_maps_bytes_to_the_unit_interval():
     assert [float(ds[i][0]) for i in range(5)] == pytest.approx([v / 127.5 - 1 for v in (0, 1, 128, 254, 255)],
                                                                 abs=2 * 2**-23)
     assert float(ds[0][0]) == -1.0 and float(ds[4][0]) == 1.0
-    for bad in (images.float(), images.view(5, 1, 1), None):  # not uint8, not 4-D, 5 images for 4 labels
+    bad = [(images.float(), 5), (images.view(5, 1, 1), 5), (images, 4)]  # not uint8, not 4-D, 5 images for 4 labels
+    for bad_images, n_labels in bad:
         with pytest.raises(AssertionError):
-            if bad is None:
-                ImageTensorDataset(images, torch.arange(4), num_classes=10)
-            else:
-                ImageTensorDataset(bad, torch.arange(5), num_classes=10)
+            ImageTensorDataset(bad_images, torch.arange(n_labels), num_classes=10)
 
 
 def test_idx_data_is_found_under_ditlab_data(tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ PAPER_GFLOPS = {
     "DiT-XL/8": 7.39, "DiT-XL/4": 29.05, "DiT-XL/2": 118.64,
 }
 IMAGENET_256 = ["model.input_size=32", "model.in_channels=4", "model.num_classes=1000"]
+MNIST = ["model.input_size=28", "model.in_channels=1", "model.num_classes=10"]
 
 
 @pytest.mark.parametrize("name", list(PAPER_GFLOPS))
@@ -53,7 +54,7 @@ def test_fused_cpu_kernels_count_as_their_meta_decomposition():
     does not know (`FORMULAS`); on meta the same model runs aten's mm and bmm's, which it does. Both
     must count the same FLOPs, with a batch of 3, 49 tokens against 64-dim heads, and cross-attention
     (keys from the conditioning tokens, not from the 49 image tokens)."""
-    base = ["model.input_size=28", "model.in_channels=1", "model.num_classes=10", "model.name=DiT-S/4"]
+    base = MNIST + ["model.name=DiT-S/4"]
     for extra in ([], ["model.conditioning=cross_attn"]):
         cfg = load_config(None, base + extra)
         cpu = build_model(cfg).eval()
@@ -66,7 +67,7 @@ def test_fused_cpu_kernels_count_as_their_meta_decomposition():
 def test_step_size_embedder_counted_for_shortcut_models():
     """A shortcut model is called with dt= and pays for its step-size embedder: the plain model's count
     plus that embedder's linears (in x out MACs each, one image)."""
-    base = ["model.input_size=28", "model.in_channels=1", "model.num_classes=10", "model.name=DiT-S/4"]
+    base = MNIST + ["model.name=DiT-S/4"]
     plain = measure(load_config(None, base + ["objective.kind=flow"]))  # no learned sigma either
     shortcut_cfg = load_config(None, base + ["objective.kind=shortcut"])
     shortcut = measure(shortcut_cfg)
@@ -100,7 +101,7 @@ def test_models_are_counted_on_meta_and_on_the_cpu_where_meta_fails(monkeypatch,
     be built there, or whose forward cannot run there, is built again and counted on the CPU."""
     import ditlab.models.flops as flops
 
-    cfg = load_config(None, ["model.input_size=28", "model.in_channels=1", "model.num_classes=10", "model.name=DiT-S/4"])
+    cfg = load_config(None, MNIST + ["model.name=DiT-S/4"])
     expected = flops.measure(cfg)
     built = []
 
@@ -160,14 +161,13 @@ def hand_count_macs(model) -> int:
 
 
 def test_unet_and_variants_count():
-    base = ["model.input_size=28", "model.in_channels=1", "model.num_classes=10"]
-    cfg = load_config(None, base + ["model.name=unet"])
+    cfg = load_config(None, MNIST + ["model.name=unet"])
     unet = measure(cfg)
     model = build_model(cfg).eval()  # on the CPU, counted by hand
     assert unet["params"] == sum(p.numel() for p in model.parameters())
     assert unet["gflops"] == pytest.approx(hand_count_macs(model) / 1e9, rel=1e-12)  # integers, exactly
-    plain = measure(load_config(None, base + ["model.name=DiT-S/4"]))
-    cross = measure(load_config(None, base + ["model.name=DiT-S/4", "model.conditioning=cross_attn"]))
+    plain = measure(load_config(None, MNIST + ["model.name=DiT-S/4"]))
+    cross = measure(load_config(None, MNIST + ["model.name=DiT-S/4", "model.conditioning=cross_attn"]))
     assert cross["gflops"] > plain["gflops"]  # an extra attention per block
 
 

@@ -205,6 +205,13 @@ def test_quickstart_guidance_is_the_smallest_the_classifier_accepts(monkeypatch,
     assert quickstart.choose_guidance(run, np.arange(10), seed=1) == run.cfg.sample.cfg_scale == 5.0
 
 
+def tiny_dit(size: int, channels: int = 1, classes: int = 10):
+    from ditlab.models.dit import DiT
+
+    return DiT(input_size=size, patch_size=1, in_channels=channels, hidden_size=8, depth=1, num_heads=1,
+               num_classes=classes)
+
+
 def test_prepare_batch_flips_with_its_generator_and_checks_labels():
     """Flips drawn from `gen_cpu` (one uniform per image, flip below 1/2), whatever the global RNG:
     a paired batch keeps the first or the second half of its channels (image or mirror latents), a
@@ -240,22 +247,17 @@ def test_check_data_with_a_codec_checks_the_latent_grid():
     from ditlab.codecs.tokenizers import ConvTokenizer
     from ditlab.data.mnist import ImageTensorDataset
     from ditlab.errors import DitlabError
-    from ditlab.models.dit import DiT
     from ditlab.train.batch import check_data
 
     digits = ImageTensorDataset(torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.tensor([0, 1]), num_classes=10)
     tokenizer = ConvTokenizer("conv2", 16)
-
-    def dit(channels: int, size: int) -> DiT:
-        return DiT(input_size=size, patch_size=1, in_channels=channels, hidden_size=8, depth=1, num_heads=1, num_classes=10)
-
-    check_data(digits, tokenizer, dit(16, 7))
+    check_data(digits, tokenizer, tiny_dit(7, channels=16))
     for channels, size in ((1, 28), (16, 14), (8, 7)):
         with pytest.raises(DitlabError, match=r"data gives samples of shape \[16, 7, 7\]"):
-            check_data(digits, tokenizer, dit(channels, size))
+            check_data(digits, tokenizer, tiny_dit(size, channels=channels))
     rgb = ImageTensorDataset(torch.zeros(2, 3, 28, 28, dtype=torch.uint8), torch.tensor([0, 1]), num_classes=10)
     with pytest.raises(DitlabError, match="the data has 3 channel"):
-        check_data(rgb, tokenizer, dit(16, 7))
+        check_data(rgb, tokenizer, tiny_dit(7, channels=16))
 
 
 def test_batches_through_a_codec_and_the_data_checks_at_their_bounds():
@@ -265,8 +267,8 @@ def test_batches_through_a_codec_and_the_data_checks_at_their_bounds():
     from ditlab.config import SampleConfig
     from ditlab.data.mnist import ImageTensorDataset
     from ditlab.errors import DitlabError
-    from ditlab.models.dit import DiT
     from ditlab.objectives.flow import FlowObjective
+    from ditlab.objectives.guidance import check_guidance
     from ditlab.train.batch import check_data, check_image_run, prepare_batch
 
     class NoisyCodec:  # what matters of a VAE here: encode(x, generator) samples
@@ -284,25 +286,19 @@ def test_batches_through_a_codec_and_the_data_checks_at_their_bounds():
     assert torch.equal(first, encoded(0, 2)) and not torch.equal(first, encoded(1, 1))
     assert 0.5 < float((first - 2 * x).std()) < 2  # encoded: the codec's noise on top of 2 x
 
-    def dit(classes: int, channels: int = 1) -> DiT:
-        return DiT(input_size=4, patch_size=1, in_channels=channels, hidden_size=8, depth=1, num_heads=1,
-                   num_classes=classes)
-
     paired = ImageTensorDataset(torch.zeros(2, 8, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), num_classes=2)
     paired.paired_flip = True
-    check_data(paired, None, dit(2, channels=4))  # 8 stored channels: 4 of the image, 4 of its mirror
+    check_data(paired, None, tiny_dit(4, channels=4, classes=2))  # 8 stored channels: 4 of the image, 4 of its mirror
     with pytest.raises(DitlabError, match=r"shape \[4, 4, 4\]"):
-        check_data(paired, None, dit(2, channels=8))
+        check_data(paired, None, tiny_dit(4, channels=8, classes=2))
 
     labelled = ImageTensorDataset(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), num_classes=2)
-    check_data(labelled, None, dit(0))  # an unconditional model ignores the labels
+    check_data(labelled, None, tiny_dit(4, classes=0))  # an unconditional model ignores the labels
     with pytest.raises(DitlabError, match="data has labels 0..1 but model.num_classes is 1"):
-        check_data(labelled, None, dit(1))
+        check_data(labelled, None, tiny_dit(4, classes=1))
     unlabelled = ImageTensorDataset(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 0]), num_classes=2)
     del unlabelled.num_classes  # a dataset that does not say how many classes it has
-    check_data(unlabelled, None, dit(1))
-    check_image_run(labelled, None, dit(0), FlowObjective(), SampleConfig(cfg_scale=5.0))  # no guidance to check
-    from ditlab.objectives.guidance import check_guidance
-
+    check_data(unlabelled, None, tiny_dit(4, classes=1))
+    check_image_run(labelled, None, tiny_dit(4, classes=0), FlowObjective(), SampleConfig(cfg_scale=5.0))  # no guidance to check
     with pytest.raises(DitlabError):  # what check_image_run must not ask of an unconditional model
-        check_guidance(dit(0), 5.0)
+        check_guidance(tiny_dit(4, classes=0), 5.0)
