@@ -4,6 +4,7 @@ random diffusers AutoencoderKL saved to a temp dir; determinism; one-line errors
 from __future__ import annotations
 
 import argparse
+import re
 
 import numpy as np
 import pytest
@@ -86,6 +87,33 @@ def test_pixel_checkpoint_png_and_npz(files, tmp_path, capsys):
     expected, _ = generate(load_run(files["cond"], ema=True), [0, 1, 2, 0, 1], steps=4)
     assert np.array_equal(images, expected)
     assert not np.array_equal(images, generate(load_run(files["cond"], ema=False), [0, 1, 2, 0, 1], steps=4)[0])
+
+
+def test_load_run_reads_what_the_step_saved(files, tmp_path):
+    """Default EMA weights, the saved step, the saved objective state, the requested device, and a
+    mismatch error naming the file that does not fit."""
+    from safetensors.torch import load_file, save_file
+
+    from ditlab.errors import DitlabError
+    from ditlab.runs import load_run
+
+    step = files["cond"] / "checkpoints" / "step_0000010"
+    run = load_run(files["cond"])
+    assert run.weights == step / "ema.safetensors" and run.step == 10
+    for name, value in run.model.state_dict().items():
+        assert torch.equal(value, load_file(step / "ema.safetensors")[name])
+    assert next(load_run(files["cond"], device="meta").model.parameters()).is_meta
+
+    cfg = config_from_dict({"model": dict(TINY, num_classes=3, learn_sigma=False),
+                            "objective": {"kind": "flow", "data_std_target": 0.82}})
+    model = build_model(cfg)
+    save_checkpoint(tmp_path / "std", 4, model.state_dict(), model.state_dict(), {"objective": {"data_std": 0.37}}, cfg)
+    assert load_run(tmp_path / "std").objective.data_std == 0.37  # as measured in training, not re-measured
+
+    bad = tmp_path / "std" / "checkpoints" / "step_0000004" / "ema.safetensors"
+    save_file({k: v[..., :1].contiguous() if v.ndim else v for k, v in model.state_dict().items()}, bad)
+    with pytest.raises(DitlabError, match=re.escape(f"checkpoint {bad}")):
+        load_run(tmp_path / "std")
 
 
 def test_same_seed_same_samples(files, tmp_path, capsys):
