@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -168,12 +169,44 @@ def test_round_trip_is_exact():
         assert torch.equal(back[k], ref[k]), k
 
 
+def test_a_label_table_without_a_null_row_gets_one():
+    """Trained without label dropout: 10 rows for 10 classes, and diffusers' table always has the null row."""
+    model = random_dit(5, class_dropout_prob=0.0)
+    state, config = ditlab_to_diffusers(model.state_dict(), num_heads=2, num_classes=10)
+    assert config["num_embeds_ada_norm"] == 10
+    for i in range(KW["depth"]):
+        table = state[f"transformer_blocks.{i}.norm1.emb.class_embedder.embedding_table.weight"]
+        assert torch.equal(table[:10], model.y_embedder.embedding_table.weight) and not table[10].any()
+    dm = diffusers.DiTTransformer2DModel(**{k: v for k, v in config.items() if not k.startswith("_")}).eval()
+    dm.load_state_dict(state, strict=True)
+    use_official_timestep_frequencies(dm)
+    x, t, _ = inputs()
+    y = torch.tensor([0, 7, 9])  # every class, the last included
+    with torch.no_grad():
+        torch.testing.assert_close(dm(x, timestep=t, class_labels=y).sample, model(x, t, y), rtol=1e-5, atol=1e-5)
+
+
+def test_diffusers_weights_that_are_not_a_dit_are_refused_and_one_block_converts():
+    one_block = random_dit(6, depth=1)
+    state, config = ditlab_to_diffusers(one_block.state_dict(), num_heads=2)
+    back = diffusers_to_ditlab(state, sample_size=config["sample_size"])
+    assert all(torch.equal(back[k], v) for k, v in one_block.state_dict().items())
+    no_patch_embed = {k: v for k, v in state.items() if not k.startswith("pos_embed.")}
+    with pytest.raises(DitlabError, match="not a diffusers DiTTransformer2DModel state dict"):
+        diffusers_to_ditlab(no_patch_embed, sample_size=8)
+    with pytest.raises(DitlabError, match="diffusers weights not part of the DiT layout: extra.weight"):
+        diffusers_to_ditlab({**state, "extra.weight": torch.zeros(1)}, sample_size=8)
+
+
 def test_convert_cli_both_directions(tmp_path, capsys):
     model = random_dit(4)
     torch.save({"model": model.state_dict(), "ema": model.state_dict(), "args": argparse.Namespace(a=1)}, tmp_path / "ckpt.pt")
     out_dir = tmp_path / "diffusers_dit"
     assert main(["convert", str(tmp_path / "ckpt.pt"), str(out_dir), "--to", "diffusers", "--num-heads", "2"]) == 0
-    dm = diffusers.DiTTransformer2DModel.from_pretrained(str(out_dir)).eval()  # a local directory, no hub
+    # the class named by config.json's _class_name, as diffusers' loaders pick it; a local directory, no hub
+    model_class = getattr(diffusers, json.loads((out_dir / "config.json").read_text())["_class_name"])
+    dm = model_class.from_pretrained(str(out_dir)).eval()
+    assert isinstance(dm, diffusers.DiTTransformer2DModel)
     use_official_timestep_frequencies(dm)
     x, t, y = inputs()
     with torch.no_grad():

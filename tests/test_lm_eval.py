@@ -235,6 +235,24 @@ def test_generate_bytes_defaults_arguments_and_temperature():
     assert set(text) <= {ord("a"), ord("b")} and abs(share - 0.8) < 4 * math.sqrt(0.16 / 3000)
 
 
+class _Bf16Logits(nn.Module):
+    """The same spread of bf16 logits over all 256 bytes at every position, as a bf16 model gives."""
+
+    logits = (torch.randn(256, generator=torch.Generator().manual_seed(0)) * 3).bfloat16()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(*x.shape, 256)
+
+
+def test_bf16_logits_are_sampled_as_their_float32_values():
+    from ditlab.sampling import generate_bytes
+
+    # the draws softmax(float32(logits) / T) gives with the same generator, one at a time
+    gen, probs = torch.Generator().manual_seed(0), torch.softmax(_Bf16Logits.logits.float() / 1.5, dim=-1)
+    expected = bytes(int(torch.multinomial(probs, 1, generator=gen)) for _ in range(2000))
+    assert generate_bytes(_Bf16Logits(), b"x", 2000, temperature=1.5, generator=torch.Generator().manual_seed(0)) == expected
+
+
 def test_generate_text_takes_the_run_settings_unless_given(monkeypatch):
     from types import SimpleNamespace
 

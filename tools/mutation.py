@@ -87,6 +87,7 @@ MODULES: dict[str, tuple[list[str], str | None]] = {
     "codecs/tokenizers.py": (["tests/test_tokenizers.py", "tests/test_codec.py"], None),
     # checkpoints and runs: what a command loads
     "models/loading.py": (["tests/test_convert.py", "tests/test_sample_cli.py", "tests/test_bad_input.py"], None),
+    "models/convert.py": (["tests/test_convert.py", "tests/test_bad_input.py", "tests/test_dit_variants.py"], None),
     "runs.py": (["tests/test_runs.py", "tests/test_checkpoint.py", "tests/test_sample_cli.py", "tests/test_reliability.py",
                  "tests/test_bad_input.py", "tests/test_sampling_arguments.py", "tests/test_train.py"],
                 "not locked and not holder and not signal and not gloo and not first_signal and not sigterm"),
