@@ -3,16 +3,18 @@
     python benchmarks/bench_gpu.py                                  # DiT-XL/2, 256x256 (32x32x4 latents)
     python benchmarks/bench_gpu.py --official /path/to/DiT          # the official models.py beside it
     python benchmarks/bench_gpu.py --device cpu --model DiT-S/8 --input-size 8 --batch 4 --steps 2   # smoke run
+    python benchmarks/bench_gpu.py --budget-s 420 --out gpu.md      # on a lent GPU: stop starting rows at 7 min
 
 One training step = the official DiT step: Gaussian-diffusion hybrid loss (learned sigma) on
 random latents, AdamW, under bf16 autocast on CUDA (fp32 on CPU). Variants, each timed after
 warm-up with CUDA events around `--steps` steps:
   eager / torch.compile;  SDPA backend flash / efficient / math;  gradient checkpointing off / on;
-then the largest power-of-two batch that fits (fastest variant). Model FLOPs utilisation (MFU) =
+then the fastest variant at doubling batches up to the first that does not fit. Model FLOPs utilisation (MFU) =
 3 x forward FLOPs (ditlab's counter, attention counted analytically; the DiT paper's training
 convention) x img/s / the device's dense bf16 peak (from the table below by device name, or
---peak-tflops). Prints a table and, with --out, writes it as markdown naming the device.
-Nothing is reported for a variant that did not run.
+--peak-tflops). Prints a table and, with --out, writes it as markdown naming the device, again after
+every row, so a run stopped from outside keeps what it measured. Nothing is reported for a variant
+that did not run: its row says why (out of memory, no kernel, past --budget-s).
 """
 
 from __future__ import annotations
@@ -138,7 +140,7 @@ def format_table(rows: list[dict]) -> str:
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "—"
         mem = f"{r['peak_gib']:.1f}" if "peak_gib" in r else "—"
-        lines.append(f"| {r['variant']} | {r['batch']} | {r['img_s']:.1f} | {r['tflops']:.1f} | {mfu} | {mem} |")
+        lines.append(f"| {r['variant']} | {r['batch']} | {r['img_s']:.1f} | {r['tflops']:.2f} | {mfu} | {mem} |")
     return "\n".join(lines)
 
 
@@ -149,60 +151,75 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32, help="batch of the variant sweep")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--max-batch", type=int, default=1024, help="upper end of the largest-batch search")
+    p.add_argument("--max-batch", type=int, default=1024, help="upper end of the batch sweep")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device")
     p.add_argument("--official", default=None, help="facebookresearch/DiT checkout: time its models.py too")
     p.add_argument("--device", default="cuda")
     p.add_argument("--quick", action="store_true", help="only eager/compiled with torch's SDPA choice")
-    p.add_argument("--out", default=None, help="write the table as markdown here")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no new measurement after this many seconds (a lent GPU's time is short)")
+    p.add_argument("--out", default=None, help="write the table as markdown here (rewritten after every row)")
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
+    started = time.perf_counter()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA device here; nothing was measured (use --device cpu for a smoke run)", file=sys.stderr)
         return 2
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
-    peak = peak_tflops(name, args.peak_tflops) if device.type == "cuda" else args.peak_tflops
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "CPU"
+    peak = peak_tflops(name, args.peak_tflops) if cuda else args.peak_tflops
     train_gflops = 3 * gflops(build(args).eval())
     print(f"{args.model} at {args.input_size}x{args.input_size}x4 on {name}: {train_gflops:.1f} training Gflop per image; "
           f"peak {peak or 'unknown'} TFLOP/s")
+    head = (f"{args.model}, {args.input_size}x{args.input_size}x4 latents, {name}, torch {torch.__version__}, "
+            f"{'bf16 autocast, fused AdamW' if cuda else 'fp32, AdamW'}, {args.steps} timed steps after {args.warmup}; "
+            f"MFU against {peak or 'unknown'} TFLOP/s dense bf16. Command: "
+            f"`python benchmarks/bench_gpu.py{''.join(' ' + a for a in argv)}`.")
+    rows: list[dict] = []
 
-    rows = []
+    def add(row: dict) -> None:  # printed and written at once: a run cut short keeps what it measured
+        rows.append(row)
+        print(format_table([row]).splitlines()[-1], flush=True)
+        if args.out:
+            Path(args.out).write_text(f"## GPU training throughput\n\n{head}\n\n{format_table(rows)}\n")
+
+    def in_budget(label: str, batch: int) -> bool:
+        if args.budget_s is None or time.perf_counter() - started < args.budget_s:
+            return True
+        add({"variant": label, "batch": batch, "error": f"not run: past --budget-s {args.budget_s:g}"})
+        return False
+
     variants = [("eager", False, "auto", False), ("compiled", True, "auto", False)]
     if not args.quick:
         variants += [(f"eager, {b}", False, b, False) for b in ("flash", "efficient", "math")]
         variants += [("eager, grad checkpointing", False, "auto", True), ("compiled, grad checkpointing", True, "auto", True)]
     for label, compiled, backend, ckpt in variants:
-        rows.append(measure(label, lambda ckpt=ckpt: build(args, grad_ckpt=ckpt), args, args.batch, device,
-                            train_gflops, peak, compiled=compiled, backend=backend))
-        print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+        if in_budget(label, args.batch):
+            add(measure(label, lambda ckpt=ckpt: build(args, grad_ckpt=ckpt), args, args.batch, device,
+                        train_gflops, peak, compiled=compiled, backend=backend))
     ran = [r for r in rows if "img_s" in r]
-    if ran and device.type == "cuda":  # the largest power-of-two batch of the fastest variant
+    if ran and cuda:  # the fastest variant at doubling batches, up to the first that does not fit
         best = max(ran, key=lambda r: r["img_s"])
         compiled, backend, ckpt = next((c, b, k) for lab, c, b, k in variants if lab == best["variant"])
-        batch, largest = args.batch, None
-        while batch <= args.max_batch:
-            row = measure(f"{best['variant']}, largest batch", lambda: build(args, grad_ckpt=ckpt), args, batch,
-                          device, train_gflops, peak, compiled=compiled, backend=backend)
-            if "error" in row:
+        label, batch = f"{best['variant']}, batch sweep", args.batch * 2
+        while batch <= args.max_batch and in_budget(label, batch):
+            add(measure(label, lambda: build(args, grad_ckpt=ckpt), args, batch, device, train_gflops, peak,
+                        compiled=compiled, backend=backend))
+            if "error" in rows[-1]:
                 break
-            largest, batch = row, batch * 2
-        if largest:
-            rows.append(largest)
+            batch *= 2
     if args.official:
         sys.path.insert(0, args.official)  # its models.py imports timm (see benchmarks/README.md)
         spec = importlib.util.spec_from_file_location("official_dit_models", Path(args.official) / "models.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         for label, compiled in (("official, eager", False), ("official, compiled", True)):
-            rows.append(measure(label, lambda: build(args, official_cls=module.DiT), args, args.batch, device,
-                                train_gflops, peak, compiled=compiled, backend="auto"))
-    table = format_table(rows)
-    print(table)
-    if args.out:
-        head = (f"{args.model}, {args.input_size}x{args.input_size}x4 latents, {name}, torch {torch.__version__}, "
-                f"bf16 autocast, AdamW (fused), {args.steps} timed steps after {args.warmup}; "
-                f"MFU against {peak or 'unknown'} TFLOP/s dense bf16. Command: `python benchmarks/bench_gpu.py`.")
-        Path(args.out).write_text(f"## GPU training throughput\n\n{head}\n\n{table}\n")
+            if in_budget(label, args.batch):
+                add(measure(label, lambda: build(args, official_cls=module.DiT), args, args.batch, device,
+                            train_gflops, peak, compiled=compiled, backend="auto"))
+    print(format_table(rows))
+    ran = [r for r in rows if "img_s" in r]
     median = statistics.median(r["img_s"] for r in ran) if ran else float("nan")
     print(f"median over variants: {median:.1f} img/s")
     return 0
