@@ -52,7 +52,7 @@ def test_every_variant_runs_on_the_cpu_and_the_table_says_what_ran(bench, tmp_pa
     assert table["eager"][3] == "—"  # no MFU without a peak
 
 
-def test_mfu_is_three_forward_flops_per_image_over_the_peak(bench, tmp_path, monkeypatch, capsys):
+def test_mfu_is_three_forward_flops_per_image_over_the_peak(bench, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "time_steps", lambda *args, **kwargs: 1000.0)  # img/s
     out = tmp_path / "gpu.md"
     assert bench.main(["--device", "cpu", "--model", "DiT-S/8", "--input-size", "32", "--quick",

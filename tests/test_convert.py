@@ -181,7 +181,7 @@ def test_a_label_table_without_a_null_row_gets_one():
     dm.load_state_dict(state, strict=True)
     use_official_timestep_frequencies(dm)
     x, t, _ = inputs()
-    y = torch.tensor([0, 7, 9])  # every class, the last included
+    y = torch.tensor([0, 7, 9])  # 9: a class here, the null label had the table been read as 9 + 1 rows
     with torch.no_grad():
         torch.testing.assert_close(dm(x, timestep=t, class_labels=y).sample, model(x, t, y), rtol=1e-5, atol=1e-5)
 

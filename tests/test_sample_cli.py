@@ -100,8 +100,8 @@ def test_load_run_reads_what_the_step_saved(files, tmp_path):
     step = files["cond"] / "checkpoints" / "step_0000010"
     run = load_run(files["cond"])
     assert run.weights == step / "ema.safetensors" and run.step == 10
-    for name, value in run.model.state_dict().items():
-        assert torch.equal(value, load_file(step / "ema.safetensors")[name])
+    ema = load_file(step / "ema.safetensors")
+    assert all(torch.equal(value, ema[name]) for name, value in run.model.state_dict().items())
     assert next(load_run(files["cond"], device="meta").model.parameters()).is_meta
 
     cfg = config_from_dict({"model": dict(TINY, num_classes=3, learn_sigma=False),
