@@ -109,8 +109,8 @@ def one_thread():
 # On a loaded machine a rank of a two-process gloo run occasionally dies in native code with
 # "terminate called without an active exception" (SIGABRT, no Python traceback; seen in two of
 # about ten full suites, never in a test run alone; 40 runs of the DDP and FSDP test commands beside
-# two busy loops gave none). Not root-caused; ranks already leave the process group together. Such a run is started once more, in a fresh run folder (when given);
-# any other failure fails the test.
+# two busy loops gave none). Not root-caused; ranks already leave the process group together.
+# Such a run is started once more, in a fresh run folder (when given); any other failure fails the test.
 NATIVE_ABORT = "terminate called without an active exception"
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +13,8 @@ from ditlab.errors import DitlabError
 from ditlab.models.convert import diffusers_to_ditlab, ditlab_to_diffusers, use_official_timestep_frequencies
 from ditlab.models.dit import DiT
 from ditlab.models.loading import load_state_dict_file, load_weights
+
+from test_runs import RunsCode  # a pickle that would run code
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -58,16 +59,6 @@ def test_official_checkpoint_layouts_load_strictly(tmp_path):
     save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
     load_weights(target, tmp_path / "w.safetensors")
     assert torch.equal(target(x, t, y), model(x, t, y))
-
-
-class RunsCode:
-    """Unpickling this creates a file: what a checkpoint must never be able to do."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
 
 
 def test_checkpoint_entries_and_pickled_code(tmp_path):

@@ -182,23 +182,23 @@ def test_checkpoint_pointers_and_files(tmp_path):
     assert runs.load_state(step) == {"step": 5}
 
 
-class _Planted:
-    """Unpickling this makes the folder `path`: what a state.pt from a stranger could do."""
+class RunsCode:
+    """Unpickling this creates a file: what a checkpoint or state file must never be able to do."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, marker: Path):
+        self.marker = marker
 
     def __reduce__(self):
-        return (os.mkdir, (str(self.path),))
+        return (Path.touch, (self.marker,))
 
 
 def test_a_state_file_that_would_run_code_is_refused(tmp_path):
     step = tmp_path / "step"
     step.mkdir()
-    torch.save({"step": _Planted(tmp_path / "planted")}, step / "state.pt")
+    torch.save({"step": RunsCode(tmp_path / "pwned")}, step / "state.pt")
     with pytest.raises(DitlabError, match="corrupt checkpoint state .*state.pt: Weights only load failed"):
         runs.load_state(step)
-    assert not (tmp_path / "planted").exists()
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_build_run_names_its_source_when_weights_do_not_fit():
