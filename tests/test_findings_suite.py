@@ -304,7 +304,7 @@ def test_committed_results_keep_their_keys(tmp_path):
         pytest.skip("no committed cpu results in this checkout")
     recipes, profiles = load_suite()
     units, arm_runs = plan(select(load_findings(), ["1", "2", "3"]), profiles["cpu"], recipes, 3, tmp_path)
-    assert len(units) == 15 and set(units) <= {p.stem for p in committed.glob("*.json")}
+    assert len(units) == 18 and set(units) <= {p.stem for p in committed.glob("*.json")}
     # ... and they hold every evaluation the plan asks for, so nothing trains again
     from ditlab.experiments.suite import needs_work, read_record
 
