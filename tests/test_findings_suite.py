@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,6 +108,21 @@ def test_smoke_finding_end_to_end_through_the_cli(tmp_path, capsys):
         assert sum(r.startswith(f"| [{fid}](finding_{fid}/report.md) |") for r in rows) == has_page
         assert sum(r.startswith(f"| {fid} | ") and r.endswith("**not run** |") for r in rows) == (not has_page)
     assert not (out / "finding_13").exists() and "| 13 | " in before
+    # reporting one finding rewrites its page only; every other row stays as its page has it
+    other = dict(json.loads((page / "results.json").read_text()), id="13", verdict="contradicts")
+    (out / "finding_13").mkdir()
+    (out / "finding_13" / "results.json").write_text(json.dumps(other))
+    assert main(["report", "11", "--out", str(out)]) == 0
+    after = (out / "REPORT.md").read_text()
+    (row13,) = [r for r in after.splitlines() if r.startswith("| [13](finding_13/report.md) |")]
+    assert row13.endswith("**contradicts** |") and after.count("| [11](finding_11/report.md) |") == 1
+    assert len(after.splitlines()) == len(before.splitlines())  # the same table, one row no longer "not run"
+    (out / "finding_13" / "results.json").write_text("{")
+    capsys.readouterr()
+    assert main(["report", "11", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "finding_13/results.json is not a results file" in err and err.count("\n") == 1
+    shutil.rmtree(out / "finding_13")
     assert sorted(p.name for p in page.glob("*.png")) == ["curves.png", "grid_ddpm.png", "grid_flow.png", "loss.png"]
 
 
@@ -293,6 +309,16 @@ def test_committed_reports_hold_results_not_checkpoints():
         if path.is_file() and "runs" not in path.relative_to(root).parts:
             assert path.suffix in (".md", ".json", ".png", ".txt") or path.name == ".gitignore", path
             assert path.stat().st_size < 2_000_000, path
+    # its summary lists the whole suite, each finding with the verdict its page's results hold
+    index = root / "cpu" / "REPORT.md"
+    if index.is_file():
+        rows = {r.split(" | ")[0]: r for r in index.read_text().splitlines() if r.startswith("| ") and "**" in r}
+        assert len(rows) == len(load_findings())
+        for fid in load_findings():
+            results = root / "cpu" / f"finding_{fid}" / "results.json"
+            verdict = json.loads(results.read_text())["verdict"] if results.is_file() else "not run"
+            key = f"| [{fid}](finding_{fid}/report.md)" if results.is_file() else f"| {fid}"
+            assert rows[key].endswith(f"**{verdict}** |"), fid
 
 
 def test_committed_results_keep_their_keys(tmp_path):

@@ -4,7 +4,8 @@
 
 Without ids, the findings with any results in the folder get pages; those whose arms are not all
 finished are marked pending, the rest get their verdicts; REPORT.md lists the findings with no
-results yet as not run.
+results yet as not run. With ids, only those pages are rewritten, and REPORT.md keeps every other
+finding's row as its page in the folder has it.
 """
 
 from __future__ import annotations

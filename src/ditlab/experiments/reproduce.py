@@ -110,7 +110,8 @@ def _command(args: argparse.Namespace, out: Path, seeds: int, extra: list[str]) 
 def write_reports(suite: Suite, ids: list[str]) -> Path:
     """Pages of the findings named by ids, or of every finding with any results in OUT (some arms
     of a finding are often another's: its page then shows them, pending the rest); REPORT.md over
-    the pages written, and without ids a "not run" row for each other finding."""
+    the whole suite: with ids, the other findings' rows come from the pages already in OUT, so
+    reporting one finding never drops the others from the table; a finding without a page is "not run"."""
     findings = [suite.findings[i] for i in ids] if ids else list(suite.findings.values())
     units, arm_runs = suite.plan(findings)
     started = {a.finding for a in arm_runs if record_path(suite.out, a.unit).is_file()} if not ids else set(ids)
@@ -121,9 +122,21 @@ def write_reports(suite: Suite, ids: list[str]) -> Path:
     for path in suite.out.glob("reference*.json"):
         floor = json.loads(path.read_text())
         references[floor["data"]] = floor
-    summaries = [write_finding(f, suite.profile, arm_runs, units, suite.out, references) if f.id in started
-                 else {"id": f.id, "claim": f.claim, "verdict": "not run"} for f in findings]
+    written = {f.id: write_finding(f, suite.profile, arm_runs, units, suite.out, references)
+               for f in findings if f.id in started}
+    summaries = [written.get(f.id) or _page_summary(suite.out, f) for f in suite.findings.values()]
     return write_index(summaries, suite.out, suite.profile)
+
+
+def _page_summary(out: Path, finding: Finding) -> dict:
+    """The summary a finding's page was written with (its results.json), or "not run" without one."""
+    path = out / f"finding_{finding.id}" / "results.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DitlabError(f"{path} is not a results file ({e}): run `ditlab report --out {out}` to rewrite every page") from None
+    return {"id": finding.id, "claim": finding.claim, "verdict": "not run"}
 
 
 def run(args: argparse.Namespace) -> int:
