@@ -54,6 +54,8 @@ def _one_line_error(capsys) -> str:
     (["optim.warmup_steps=-1"], "optim.warmup_steps must be >= 0"),
     (["optim.grad_clip=-1"], "optim.grad_clip must be > 0"),
     (["optim.batch_size=6", "train.grad_accum=4"], "not divisible"),
+    (["optim.name=sgd"], "unknown optim.name 'sgd' (choose adamw, muon)"),
+    (["optim.name=muon", "train.fsdp=true"], "optim.name=muon needs whole matrices, which FSDP shards"),
 ])
 def test_bad_optim_and_loop_settings_fail_before_any_work(tmp_path, capsys, extra, message):
     run = tmp_path / "run"

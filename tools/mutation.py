@@ -79,6 +79,7 @@ MODULES: dict[str, tuple[list[str], str | None]] = {
     "eval/inception.py": (["tests/test_eval_inception.py", "tests/test_eval_fid.py", "tests/test_eval_fid_inputs.py"], None),
     "models/flops.py": (["tests/test_eval_flops.py"], None),
     "train/schedule.py": (["tests/test_train_schedules.py"], None),
+    "train/optim.py": (["tests/test_optim.py"], None),
     "train/batch.py": (["tests/test_train_validation.py", "tests/test_data.py", "tests/test_train.py"],
                        "not locked and not holder and not gloo and not repo_quickstart_config"),
     # data and codecs: what a model trains on

@@ -41,6 +41,13 @@ BUGS: dict[str, tuple[str, str, str, list[str]]] = {
                          ["tests/test_train_schedules.py"]),
     "ema_without_warmup": ("train/ema.py", "return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay",
                            "return self.decay", ["tests/test_train_schedules.py"]),
+    "muon_takes_the_output_layer": ("train/optim.py", "for name, m in blocks.named_modules() if isinstance(m, nn.Linear)]",
+                                    "for name, m in blocks.named_modules() if isinstance(m, nn.Linear)] + "
+                                    "['final_layer.linear.weight']", ["tests/test_optim.py"]),
+    "muon_at_its_own_scale": ("train/optim.py", 'adjust_lr_fn="match_rms_adamw")', "adjust_lr_fn=None)",
+                              ["tests/test_optim.py"]),
+    "muon_state_not_restored": ("train/optim.py", '        self.muon.load_state_dict(state["muon"])', "        pass",
+                                ["tests/test_optim.py"]),
     "lr_warmup_not_applied": ("train/trainer.py", 'g["lr"] = self.lr_at(self.step)', "pass",
                               ["tests/test_train_schedules.py"]),
     "grad_clip_not_applied": ("train/distributed.py",

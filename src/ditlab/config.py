@@ -136,6 +136,7 @@ class VAEConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # adamw | muon (Muon on the transformer blocks' matrices, AdamW on the rest: train/optim.py)
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -197,6 +198,7 @@ OBJECTIVE_FIELDS: dict[str, tuple[str, ...]] = {
 }
 PRECISIONS = ("auto", "fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("adamw", "muon")
 
 # A byte language model is model.name=byte-lm trained with objective.kind=next-byte on
 # data.source=text. It reads only some fields of the sections below (LM_FIELDS, its own ones
@@ -397,6 +399,8 @@ def validate(cfg: Config) -> Config:
         (0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {t.ema_decay}"),
         (t.time_budget_s is None or t.time_budget_s >= 0, f"train.time_budget_s must be >= 0 seconds, got {t.time_budget_s}"),
         (t.precision in PRECISIONS, f"train.precision must be auto, fp32 or bf16, got '{t.precision}'"),
+        (opt.name in OPTIMIZERS, f"unknown optim.name '{opt.name}' (choose {', '.join(OPTIMIZERS)})"),
+        (opt.name != "muon" or not t.fsdp, "optim.name=muon needs whole matrices, which FSDP shards: use DDP (train.fsdp=false)"),
         (opt.batch_size >= 1, f"optim.batch_size must be >= 1, got {opt.batch_size}"),
         (opt.lr > 0 and math.isfinite(opt.lr), f"optim.lr must be > 0, got {opt.lr}"),
         (len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas), f"optim.betas must be two numbers in [0, 1), got {opt.betas}"),

@@ -350,7 +350,7 @@ def write_finding(finding: Finding, profile: Profile, arm_runs: list[ArmRun], un
     cfg = any_unit.cfg
     reference = (references or {}).get(cfg.data.source)
     lines += ["", "## Setup", "",
-              f"- Budget: {steps} steps of batch {cfg.optim.batch_size} on `{cfg.data.source}` ({_amount(any_unit)}), AdamW lr {cfg.optim.lr:g}, "
+              f"- Budget: {steps} steps of batch {cfg.optim.batch_size} on `{cfg.data.source}` ({_amount(any_unit)}), {'Muon + AdamW' if cfg.optim.name == 'muon' else 'AdamW'} lr {cfg.optim.lr:g}, "
               f"warm-up {cfg.optim.warmup_steps}, grad clip {cfg.optim.grad_clip}, EMA {cfg.train.ema_decay} (warm-up {cfg.train.ema_warmup}).",
               f"- Evaluation at {', '.join(f'{p:g}' for p in ev['points'])} of the budget, EMA weights: " + _protocol(cfg, ev, reference),
               "- Intervals: per arm the seed spread, floored by each value's sampling variance (binomial for accuracy, "

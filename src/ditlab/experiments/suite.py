@@ -67,7 +67,7 @@ BOOTSTRAP = 20  # resamples for the FID's sampling variance
 
 # Config options added after results were committed: at their default they stay out of a unit's
 # identity, so that the units trained before the option existed keep their keys (and results).
-LATER_OPTIONS: dict[tuple[str, str], Any] = {("model", "lm_embed_scale"): False}
+LATER_OPTIONS: dict[tuple[str, str], Any] = {("model", "lm_embed_scale"): False, ("optim", "name"): "adamw"}
 
 
 def digest(value: Any, n: int = 10) -> str:

@@ -4,7 +4,8 @@ byte-level language model.
 Per step (the official DiT train.py, plus what short and long runs need):
   global batch B -> W ranks x A accumulation micro-batches, each seeded by (seed, step, m)
   loss = objective.loss(model, x, y)  under bf16 autocast on CUDA
-  AdamW, LR warm-up then constant or cosine (`schedule.py`), optional grad-norm clipping, EMA update
+  AdamW (or Muon on the blocks' matrices, `optim.py`), LR warm-up then constant or cosine (`schedule.py`),
+  optional grad-norm clipping, EMA update
   loss averaged over ranks -> non-finite check -> progress bar, CSV, TensorBoard
   every ckpt_every steps an atomic checkpoint; every sample_every steps EMA samples.
 
@@ -43,6 +44,7 @@ from ditlab.train import distributed as D
 from ditlab.train.batch import check_image_run, prepare_batch
 from ditlab.train.ema import EMA
 from ditlab.train.logger import Logger, Window
+from ditlab.train.optim import MuonAdamW
 from ditlab.train.order import MicroBatches, StepSampler, mix_seed
 from ditlab.train.samples import write_image_grid, write_text_sample
 from ditlab.train.schedule import lr_at
@@ -122,8 +124,11 @@ class Trainer:
         # CPU: the fused AdamW kernel, ~3.5x faster than the per-parameter loop torch picks on CPU (foreach is
         # no faster there); same update up to float rounding. A resumed checkpoint keeps the kind it was saved with.
         fused = True if self.device.type == "cpu" and not t.fsdp else None
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
-                                           fused=fused)
+        if o.name == "muon":  # whole matrices: DDP's parameters are the unwrapped module's (FSDP is refused)
+            self.optimizer = MuonAdamW(model, o, fused)
+        else:
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas),
+                                               weight_decay=o.weight_decay, fused=fused)
         self.step = 0
         # adapt_threads (CPU): the torch thread count follows the machine's load (`threads.py`; quickstart).
         self.thread_tuner = ThreadTuner(torch.get_num_threads()) if adapt_threads and self.device.type == "cpu" else None
