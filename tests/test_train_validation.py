@@ -177,8 +177,9 @@ def test_quickstart_threads_follow_current_cpu_use():
 
 @pytest.mark.parametrize("recognised, chosen, probed", [
     ({2.0: 1.0}, 2.0, [2.0]),
-    ({2.0: 0.98, 3.0: 0.99}, 3.0, [2.0, 3.0]),  # 99% is enough
-    ({2.0: 0.5, 3.0: 0.9}, 5.0, [2.0, 3.0]),  # the largest scale is taken without a probe
+    ({2.0: 0.98, 2.5: 0.99}, 2.5, [2.0, 2.5]),  # 99% is enough
+    ({2.0: 0.98, 2.5: 0.97, 3.0: 1.0}, 3.0, [2.0, 2.5, 3.0]),
+    ({2.0: 0.5, 2.5: 0.8, 3.0: 0.9}, 5.0, [2.0, 2.5, 3.0]),  # the largest scale is taken without a probe
 ])
 def test_quickstart_guidance_is_the_smallest_the_classifier_accepts(monkeypatch, recognised, chosen, probed):
     from types import SimpleNamespace

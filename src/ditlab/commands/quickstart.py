@@ -36,7 +36,7 @@ from ditlab.train.trainer import Trainer
 
 # benchmarks/RESULTS.md, 1,000 samples: after ~4,800 steps guidance 2 keeps 99% class accuracy, after
 # ~3,000 guidance 3 keeps 98-99%, after ~2,300 only 5 comes near (96.5%).
-GUIDANCE_CHOICES = (2.0, 3.0, 5.0)
+GUIDANCE_CHOICES = (2.0, 2.5, 3.0, 5.0)
 PROBE_ACCURACY = 0.99
 
 
